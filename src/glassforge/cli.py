@@ -1,0 +1,187 @@
+"""The `glassforge` command: a thin layer over each stage's entry function.
+
+Every subcommand parses its arguments and calls one function; a `UserError`
+becomes a one-line message and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _read_text_arg(text: str) -> str:
+    return sys.stdin.read() if text == "-" else text
+
+
+def _stage(name: str):
+    def run_stage(args) -> int:
+        from glassforge.build import run_stage
+        from glassforge.runfolder import Run
+
+        result = run_stage(Run.open(args.run), name)
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+
+    return run_stage
+
+
+def cmd_build(args) -> int:
+    from glassforge.build import build
+
+    build(args.recipe, Path(args.out), force=args.force)
+    return 0
+
+
+def cmd_data(args) -> int:
+    if args.action == "inspect":
+        from glassforge.data import inspect
+        from glassforge.runfolder import Run
+
+        print(inspect(Run.open(args.run), doc=args.doc, token=args.token, step=args.step))
+        return 0
+    return _stage("data")(args)
+
+
+def cmd_generate(args) -> int:
+    from glassforge.generate import generate
+
+    print(generate(args.run, _read_text_arg(args.prompt), args.max_tokens, args.temperature, args.seed, chat=args.chat))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from glassforge.serve import serve
+
+    serve(args.run, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GLASSFORGE_API_KEY"),
+          max_batch=args.max_batch, max_context=args.max_context, banner=args.banner)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from glassforge.chat import chat
+
+    chat(args.run, temperature=args.temperature, max_tokens=args.max_tokens)
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from glassforge.trace import trace_command
+
+    return trace_command(args.run, _read_text_arg(args.text), as_json=args.json, min_tokens=args.min_tokens)
+
+
+def cmd_contains(args) -> int:
+    from glassforge.trace import contains_command
+
+    return contains_command(args.run, _read_text_arg(args.text), as_json=args.json)
+
+
+def cmd_plot(args) -> int:
+    from glassforge.runfolder import Run
+    from glassforge.train import plot_metrics
+
+    run = Run.open(args.run)
+    for stage in ("pretrain", "sft"):
+        png = plot_metrics(run.root / stage / "metrics.jsonl", run.root / stage / "loss.png", title=stage)
+        if png:
+            print(png)
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from glassforge import __version__
+
+    p = argparse.ArgumentParser(prog="glassforge", description="Open data to a served chat model, every step checkable.")
+    p.add_argument("--version", action="version", version=f"glassforge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("build", help="run every stage of a recipe into a run folder, skipping finished ones")
+    b.add_argument("--recipe", default="default", help="a built-in recipe name (tiny, default, ...) or a .toml path")
+    b.add_argument("--out", required=True, help="the run folder")
+    b.add_argument("--force", action="store_true", help="re-run every stage even if its inputs are unchanged")
+    b.set_defaults(func=cmd_build)
+
+    d = sub.add_parser("data", help="collect, clean and deduplicate the documents (or inspect them)")
+    d.add_argument("action", nargs="?", choices=["inspect"], help="inspect: show a document, token or step")
+    d.add_argument("run")
+    d.add_argument("--doc", help="a document id")
+    d.add_argument("--token", type=int, help="a position in the training token stream")
+    d.add_argument("--step", type=int, help="a training step: the documents in its batch")
+    d.set_defaults(func=cmd_data)
+
+    for name, help_ in [("tokenizer", "train the byte-level BPE tokenizer"),
+                        ("shards", "tokenize the documents into memory-mapped shards"),
+                        ("pretrain", "pretrain the base model (resumes; torchrun for several processes)"),
+                        ("sft", "fine-tune the base model on conversations"),
+                        ("eval", "evaluate the model"),
+                        ("release", "assemble release/: weights, config, tokenizer, cards, manifest")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("run")
+        if name == "eval":
+            s.add_argument("--tasks", help="comma-separated task names (default: the recipe's)")
+        s.set_defaults(func=_stage(name))
+
+    g = sub.add_parser("generate", help="continue a prompt with the model")
+    g.add_argument("run", help="a run folder or its release/")
+    g.add_argument("--prompt", required=True, help="the prompt, or - for stdin")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--chat", action="store_true", help="treat the prompt as a user message and answer it")
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve an OpenAI-compatible API (and the web chat)")
+    s.add_argument("run", help="a run folder or its release/")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require this bearer key (default: $GLASSFORGE_API_KEY, else none)")
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    s.add_argument("--max-context", type=int, help="tokens per sequence (default: the model's)")
+    s.add_argument("--banner", action="store_true", help="print how to talk to the server")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("chat", help="a streaming chat in the terminal")
+    c.add_argument("run")
+    c.add_argument("--temperature", type=float, default=0.7)
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.set_defaults(func=cmd_chat)
+
+    t = sub.add_parser("trace", help="find the training documents that contain spans of a text")
+    t.add_argument("run")
+    t.add_argument("text", help="the text, or - for stdin")
+    t.add_argument("--json", action="store_true")
+    t.add_argument("--min-tokens", type=int, default=8)
+    t.set_defaults(func=cmd_trace)
+
+    ct = sub.add_parser("contains", help="count the training documents that contain a text verbatim")
+    ct.add_argument("run")
+    ct.add_argument("text", help="the text, or - for stdin")
+    ct.add_argument("--json", action="store_true")
+    ct.set_defaults(func=cmd_contains)
+
+    pl = sub.add_parser("plot", help="redraw loss.png for the run's training stages")
+    pl.add_argument("run")
+    pl.set_defaults(func=cmd_plot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from glassforge.errors import UserError
+
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"glassforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("glassforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

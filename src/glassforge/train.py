@@ -1,0 +1,582 @@
+"""The trainer shared by `pretrain` and `sft`: fast, resumable bit for bit, distributed.
+
+Data order is a pure function of (seed, global step): step s trains on the
+examples at positions [s*B, (s+1)*B) of a sequence of per-epoch permutations
+seeded by (seed, epoch). Each process takes its contiguous slice of that global
+batch and splits it into micro-batches, so world size and accumulation change
+how the work is divided, never which examples a step sees.
+
+Losses are summed per token and divided by the number of target tokens in the
+whole global batch, so a step's gradient is the same whether one process
+accumulates or several share the work (DDP averages over ranks; we scale by
+the world size to undo that average).
+
+Checkpoints hold weights and optimiser state in safetensors and the step, RNG
+states, data cursor and recipe hash in JSON; each is a folder written under a
+temporary name and renamed into place, so a kill at any moment leaves the
+previous checkpoint intact. Training resumes from the newest complete one.
+
+Launch with `torchrun --nproc_per_node N -m glassforge pretrain RUN` for DDP
+(gloo on CPU, nccl on GPU); only rank 0 writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from glassforge.errors import UserError
+from glassforge.model import Llama, ModelConfig, flops_per_token
+from glassforge.recipe import TrainConfig
+from glassforge.runfolder import AtomicFile, atomic_write_dir, atomic_write_json
+
+CKPT_RE = re.compile(r"^step_(\d{7})$")
+
+
+class Examples(Protocol):
+    """A training set the trainer can index: rows of inputs and targets (-100 = no loss)."""
+
+    bytes_per_token: float
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class Windows:
+    """Non-overlapping windows of seq_len + 1 tokens over a memory-mapped token stream."""
+
+    def __init__(self, stream, seq_len: int):
+        self.stream = stream
+        self.seq_len = seq_len
+        self.bytes_per_token = stream.bytes_per_token
+        self.n = (len(stream.tokens) - 1) // seq_len
+        if self.n < 1:
+            raise UserError(f"token stream of {len(stream.tokens)} tokens is shorter than seq_len={seq_len}")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, indices):
+        T = self.seq_len
+        rows = np.stack([np.asarray(self.stream.tokens[i * T: i * T + T + 1], dtype=np.int64) for i in indices])
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+
+# --------------------------------------------------------------------------- data order
+
+class DataOrder:
+    """Which examples global step s uses: a function of (seed, step) alone."""
+
+    def __init__(self, n_examples: int, global_batch: int, seed: int):
+        self.n, self.B, self.seed = n_examples, global_batch, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def global_batch(self, step: int) -> np.ndarray:
+        positions = np.arange(step * self.B, (step + 1) * self.B)
+        out = np.empty(len(positions), dtype=np.int64)
+        epochs = positions // self.n
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._perm(int(e))[positions[sel] % self.n]
+        return out
+
+
+# --------------------------------------------------------------------------- schedule and optimiser
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = int(cfg.steps * (1 - cfg.decay_fraction))
+        if step < decay_start:
+            return cfg.lr
+        frac = (step - decay_start) / max(1, cfg.steps - decay_start)
+        return cfg.lr - (cfg.lr - floor) * frac
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to G, by a quintic Newton-Schulz iteration (Muon)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.float()
+    X = X / (X.norm() + 1e-7)
+    transposed = X.size(0) > X.size(1)
+    if transposed:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, then orthogonalised updates, for the hidden weight matrices only."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(p.grad)
+                update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                update = zeropower_newton_schulz(update)
+                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+
+
+def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """AdamW with decay on matrices only; with optimizer="muon", Muon takes the hidden matrices."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrices = [p for n, p in named if p.dim() >= 2]
+    vectors = [p for n, p in named if p.dim() < 2]
+    adam_kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    fused = {"fused": True} if torch.cuda.is_available() or hasattr(torch, "_fused_adamw_") else {"foreach": True}
+    if cfg.optimizer == "adamw":
+        groups = [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+        return [torch.optim.AdamW(groups, **adam_kw, **fused)]
+    if cfg.optimizer == "muon":
+        hidden = [p for n, p in named if p.dim() >= 2 and ".layers." in f".{n}"]
+        hidden_ids = {id(p) for p in hidden}
+        rest_matrices = [p for p in matrices if id(p) not in hidden_ids]
+        groups = [{"params": rest_matrices, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
+        return [Muon(hidden, lr=0.02, weight_decay=cfg.weight_decay), torch.optim.AdamW(groups, **adam_kw, **fused)]
+    raise UserError(f"pretrain.optimizer: unknown '{cfg.optimizer}' (known: adamw, muon)")
+
+
+# --------------------------------------------------------------------------- hardware
+
+def has_cpu_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "fp32":
+        return torch.float32
+    if cfg.dtype == "bf16":
+        return torch.bfloat16
+    if cfg.dtype != "auto":
+        raise UserError(f"dtype: unknown '{cfg.dtype}' (known: auto, bf16, fp32)")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if has_cpu_bf16() else torch.float32
+
+
+_PEAK_CACHE: dict[tuple, float] = {}
+
+
+def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """This machine's matmul FLOP/s for dtype, measured once on a 2048^2 product."""
+    key = (device.type, dtype)
+    if key not in _PEAK_CACHE:
+        n = 2048 if device.type == "cpu" else 8192
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        reps = 4
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        _PEAK_CACHE[key] = 2 * n ** 3 * reps / (time.perf_counter() - t)
+    return _PEAK_CACHE[key]
+
+
+# --------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    ckpts = []
+    if (folder / "checkpoints").is_dir():
+        for p in (folder / "checkpoints").iterdir():
+            m = CKPT_RE.match(p.name)
+            if m and (p / "trainer.json").is_file():
+                ckpts.append((int(m.group(1)), p))
+    return sorted(ckpts)
+
+
+def _optimizer_tensors(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list]:
+    tensors, meta = {}, []
+    for k, opt in enumerate(opts):
+        sd = opt.state_dict()
+        for pid, state in sd["state"].items():
+            for name, value in state.items():
+                t = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"opt{k}.{pid}.{name}"] = t.detach().contiguous().reshape(-1) if t.dim() == 0 else t.detach().contiguous()
+        meta.append({"param_groups": sd["param_groups"],
+                     "scalars": sorted(f"{pid}.{n}" for pid, s in sd["state"].items() for n, v in s.items()
+                                       if not torch.is_tensor(v) or v.dim() == 0)})
+    return tensors, meta
+
+
+def _load_optimizers(opts, tensors: dict[str, torch.Tensor], meta: list) -> None:
+    for k, opt in enumerate(opts):
+        scalars = set(meta[k]["scalars"])
+        state: dict[int, dict] = {}
+        for key, t in tensors.items():
+            prefix, pid, name = key.split(".", 2)
+            if prefix != f"opt{k}":
+                continue
+            state.setdefault(int(pid), {})[name] = t.reshape(()) if f"{pid}.{name}" in scalars else t
+        opt.load_state_dict({"state": state, "param_groups": meta[k]["param_groups"]})
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def save_checkpoint(folder: Path, step: int, model: Llama, opts, meta: dict) -> Path:
+    from safetensors.torch import save_file
+
+    final = folder / "checkpoints" / f"step_{step:07d}"
+    opt_tensors, opt_meta = _optimizer_tensors(opts)
+
+    def fill(tmp: Path):
+        save_file(model.hf_state_dict(), tmp / "model.safetensors")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        # trainer.json last: a folder without it is never taken for a checkpoint.
+        atomic_write_json(tmp / "trainer.json", {**meta, "step": step, "optimizers": opt_meta, "rng": rng_state()})
+
+    atomic_write_dir(final, fill)
+    return final
+
+
+def prune_checkpoints(folder: Path, keep_last: int, keep_every: int) -> None:
+    ckpts = list_checkpoints(folder)
+    keep = {s for s, _ in ckpts[-max(1, keep_last):]}
+    if keep_every:
+        keep |= {s for s, _ in ckpts if s % keep_every == 0}
+    for s, p in ckpts:
+        if s not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    for stale in (folder / "checkpoints").glob(".step_*"):  # temp folders of an interrupted write
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_weights(path: Path, model: Llama) -> None:
+    from safetensors.torch import load_file
+
+    model.load_hf_state_dict(load_file(path))
+
+
+# --------------------------------------------------------------------------- the loop
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    final_loss: float
+    val_loss: float | None
+    val_bpb: float | None
+    seconds: float
+    checkpoint: Path
+
+
+@torch.no_grad()
+def evaluate(model: Llama, data: Examples, cfg: TrainConfig, device, dtype) -> tuple[float, float]:
+    """Mean loss per target token on the first eval_batches micro-batches, and bits per byte."""
+    model.eval()
+    total, count = 0.0, 0
+    n = min(len(data), cfg.eval_batches * cfg.micro_batch)
+    for start in range(0, n, cfg.micro_batch):
+        x, y = data.batch(np.arange(start, min(n, start + cfg.micro_batch)))
+        with autocast(device, dtype):
+            _, loss = model(x.to(device), y.to(device), reduction="sum")
+        total += float(loss)
+        count += int((y != -100).sum())
+    model.train()
+    mean = total / max(1, count)
+    return mean, mean / math.log(2) / data.bytes_per_token
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train(
+    model_cfg: ModelConfig,
+    train_set: Examples,
+    val_set: Examples | None,
+    cfg: TrainConfig,
+    out: Path,
+    seed: int,
+    recipe_hash: str,
+    init_weights: Path | None = None,
+    label: str = "train",
+) -> TrainResult:
+    """Train from scratch (or from init_weights), resuming from out/checkpoints if any."""
+    dist_info, device = init_distributed()
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    seq_len = cfg.seq_len
+    global_rows = cfg.batch_tokens // seq_len
+    per_rank = global_rows // dist_info.world
+    if global_rows < 1 or global_rows % dist_info.world or per_rank % min(per_rank, cfg.micro_batch):
+        raise UserError(f"{label}.batch_tokens={cfg.batch_tokens} must be a multiple of seq_len ({seq_len}) x "
+                        f"world size ({dist_info.world}) x micro_batch ({cfg.micro_batch})")
+    micro = min(per_rank, cfg.micro_batch)
+    dtype = pick_dtype(cfg, device)
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    model = Llama(model_cfg)
+    if init_weights is not None:
+        load_weights(init_weights, model)
+    model.to(device)
+    opts = build_optimizers(model, cfg)
+
+    start_step = 0
+    ckpts = list_checkpoints(out)
+    if ckpts:
+        step, path = ckpts[-1]
+        meta = json.loads((path / "trainer.json").read_text())
+        if meta.get("recipe_hash") != recipe_hash:
+            raise UserError(f"{path}: checkpoint was made with another recipe; remove {out} to start over")
+        from safetensors.torch import load_file
+
+        load_weights(path / "model.safetensors", model)
+        _load_optimizers(opts, load_file(path / "optimizer.safetensors"), meta["optimizers"])
+        set_rng_state(meta["rng"])
+        start_step = step
+    metrics_path = out / "metrics.jsonl"
+    if dist_info.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start_step)
+
+    train_model: torch.nn.Module = model
+    if dist_info.world > 1:
+        if cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            train_model = fully_shard(model)
+        else:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_fn = train_model
+    if cfg.compile:
+        step_fn = torch.compile(train_model)
+
+    order = DataOrder(len(train_set), global_rows, seed)
+    flops_tok = flops_per_token(model_cfg, seq_len)
+    peak = measured_peak_flops(device, dtype) * dist_info.world
+    tokens_per_step = global_rows * seq_len
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=label, unit="step", disable=not dist_info.main,
+               dynamic_ncols=True)
+    t_start = time.perf_counter()
+    loss_value, val_loss, val_bpb = float("nan"), None, None
+    last_ckpt = ckpts[-1][1] if ckpts else None
+    model.train()
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if dist_info.main else None
+    try:
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for opt in opts:
+                for g in opt.param_groups:
+                    g["lr"] = lr if isinstance(opt, torch.optim.AdamW) else 0.02 * lr / cfg.lr
+            rows = order.global_batch(step)
+            _, y_all = train_set.batch(rows) if not isinstance(train_set, Windows) else (None, None)
+            n_targets = int((y_all != -100).sum()) if y_all is not None else len(rows) * seq_len
+            mine = rows[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
+            loss_sum = torch.zeros((), device=device)
+            chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+            for i, chunk in enumerate(chunks):
+                x, y = train_set.batch(chunk)
+                sync = nullcontext()
+                if dist_info.world > 1 and not cfg.fsdp and i < len(chunks) - 1:
+                    sync = train_model.no_sync()
+                with sync, autocast(device, dtype):
+                    _, loss = step_fn(x.to(device), y.to(device), reduction="sum")
+                    scaled = loss * (dist_info.world / n_targets)
+                scaled.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            for opt in opts:
+                opt.step()
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            if dist_info.world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(loss_sum)
+            loss_value = float(loss_sum) / n_targets
+            if not math.isfinite(loss_value):
+                raise RuntimeError(f"{label}: loss became {loss_value} at step {step + 1}; lower the learning rate")
+            dt = time.perf_counter() - t0
+            tok_s = tokens_per_step / dt
+            mfu = tok_s * flops_tok / peak
+            done = step + 1
+            record = {"step": done, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
+                      "tokens": done * tokens_per_step, "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
+            if val_set is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+                val_loss, val_bpb = evaluate(model, val_set, cfg, device, dtype)
+                record.update(val_loss=round(val_loss, 6), val_bpb=round(val_bpb, 6))
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+            bar.update(1)
+            if dist_info.main:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                if dist_info.main:
+                    metrics_file.flush()
+                    os.fsync(metrics_file.fileno())
+                    last_ckpt = save_checkpoint(out, done, model, opts, {
+                        "recipe_hash": recipe_hash, "seed": seed, "data_cursor": {"step": done, "examples": done * global_rows},
+                        "tokens": done * tokens_per_step, "loss": loss_value})
+                    prune_checkpoints(out, cfg.keep_last, cfg.keep_every)
+                if dist_info.world > 1:
+                    import torch.distributed as dist
+
+                    dist.barrier()
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    if last_ckpt is None:
+        last_ckpt = list_checkpoints(out)[-1][1]
+    if dist_info.main:
+        plot_metrics(metrics_path, out / "loss.png", title=label)
+    return TrainResult(cfg.steps, cfg.steps * tokens_per_step, loss_value, val_loss, val_bpb,
+                       time.perf_counter() - t_start, last_ckpt)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from: they will be written again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    with AtomicFile(path, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
+    """loss.png: training and validation loss, learning rate and throughput against step."""
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(steps, [r["loss"] for r in rows], label="train", lw=1)
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        axes[0].plot(*zip(*val), "o-", label="validation", ms=3)
+    axes[0].set(xlabel="step", ylabel="loss (nats/token)", title=f"{title} loss")
+    axes[0].legend()
+    axes[1].plot(steps, [r["lr"] for r in rows])
+    axes[1].set(xlabel="step", ylabel="learning rate", title="schedule")
+    axes[2].plot(steps, [r["tokens_per_s"] for r in rows], lw=1)
+    axes[2].set(xlabel="step", ylabel="tokens/s", title="throughput")
+    fig.tight_layout()
+    with AtomicFile(out_png) as f:
+        fig.savefig(f, format="png", dpi=90)
+    plt.close(fig)
+    return out_png
+
+
+def latest_weights(folder: Path) -> Path:
+    ckpts = list_checkpoints(folder)
+    if not ckpts:
+        raise UserError(f"{folder}: no checkpoint")
+    return ckpts[-1][1] / "model.safetensors"
