@@ -67,6 +67,7 @@ class ModelConfig:
             "head_dim": self.head_dim,
             "max_position_embeddings": self.max_seq_len,
             "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "rms_norm_eps": self.norm_eps,
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",
@@ -90,7 +91,7 @@ class ModelConfig:
             n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
             d_ff=cfg["intermediate_size"],
             max_seq_len=cfg["max_position_embeddings"],
-            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_theta=cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0),
             norm_eps=cfg.get("rms_norm_eps", 1e-5),
             tie_embeddings=cfg.get("tie_word_embeddings", False),
         )

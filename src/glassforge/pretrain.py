@@ -24,7 +24,10 @@ def run_pretrain(run: Run) -> dict:
     val_set = Windows(val_stream, cfg.seq_len) if len(val_stream) > cfg.seq_len else None
     if cfg.seq_len > recipe.model.max_seq_len:
         raise UserError(f"pretrain.seq_len={cfg.seq_len} exceeds model.max_seq_len={recipe.model.max_seq_len}")
+    from glassforge.build import stage_input_hash
+
+    # Checkpoints carry the stage's input hash: they are resumed only for the same recipe and data.
     result = train(recipe.model, train_set, val_set, cfg, run.pretrain, recipe.seed,
-                   recipe.section_hash("seed", "data", "tokenizer", "model", "pretrain"), label="pretrain")
+                   stage_input_hash(run, "pretrain"), label="pretrain")
     return {"steps": result.steps, "tokens": result.tokens, "loss": result.final_loss,
             "val_loss": result.val_loss, "val_bpb": result.val_bpb, "seconds": round(result.seconds, 1)}
