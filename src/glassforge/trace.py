@@ -1,0 +1,637 @@
+"""Trace text back to the training documents that contain it verbatim.
+
+The release carries `trace/`, a self-contained index over the training token
+stream (the run folder is not needed to query it):
+
+    trace/tokens.bin         the training tokens, stream order, big-endian
+                             (uint16 or uint32, as in data/train.bin)
+    trace/sa.bin             suffix array: the start of every suffix of the
+                             stream in sorted order, 4 bytes per token
+                             (little-endian uint32) while the stream has at
+                             most 2**32 tokens, else 5 bytes (40-bit)
+    trace/buckets.npy        int64, vocab+1: suffixes starting with token t are
+                             sa[buckets[t]:buckets[t+1]]
+    trace/doc_offsets.npy    int64, n_docs+1: document i is tokens[off[i]:off[i+1]]
+                             (its trailing <|endoftext|> included)
+    trace/documents.jsonl    one line per document, stream order: id, source,
+                             license, sha256
+    trace/documents.idx.npy  int64, n_docs+1: byte offset of each line above
+    trace/index.json         format, sizes, eot id, tokenizer hash, and the
+                             sha256 and size of every file above
+
+Why these choices:
+
+- A plain suffix array answers every question we ask (does this span occur,
+  how often, where) with two binary searches, and needs nothing but the tokens
+  beside it. At 4 bytes per token (5 past 4G tokens) it stays under the
+  6-bytes-per-token budget; an FM-index would be smaller but far slower to
+  query from Python, a suffix tree or automaton far larger.
+- Tokens are stored big-endian so that comparing raw bytes compares token
+  sequences lexicographically. Sorting is then byte-level suffix sorting with
+  pydivsufsort (libdivsufsort, a well-kept SA-IS-class sorter); we keep the
+  suffixes that start on a token boundary, and their relative order is exactly
+  token order. Query-time comparisons are `bytes < bytes` on slices of an
+  `mmap`, i.e. memcmp in C, so a binary search costs about a microsecond a step.
+- The bucket table (one int64 per vocabulary entry) skips the first
+  log2(vocab) steps of every search.
+- Documents never straddle: every document ends with `<|endoftext|>`, and a
+  query is cut at any `<|endoftext|>` it contains, so no matched span can
+  include one, and so no span can cross from one document into the next.
+- Everything is memory-mapped at query time; `np.load` never unpickles.
+
+Matching is on whole tokens, as the model saw its data: a span must start and
+end on the token boundaries the training tokenization had. `contains` also
+tries the text with a leading space, since the byte-level BPE glues a word to
+the space before it.
+
+Build limits: pydivsufsort sorts the stream as bytes, 4 bytes of working memory
+per byte (8 past 2**31 bytes), so a single index is practical up to about a
+billion tokens on a machine with tens of GiB; beyond that the stream would be
+sharded (not done yet).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from glassforge.errors import UserError
+from glassforge.runfolder import AtomicFile, atomic_write_json, sha256_file
+
+FORMAT = "glassforge-trace/1"
+FILES = ("tokens.bin", "sa.bin", "buckets.npy", "doc_offsets.npy", "documents.jsonl", "documents.idx.npy")
+#: Occurrences looked at to find a span's documents; counts are always exact.
+DOC_SCAN_LIMIT = 100_000
+SNIPPET_CONTEXT = 24  # tokens each side of the span
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+def _sa_width(n_tokens: int) -> int:
+    return 4 if n_tokens <= 2**32 else 5
+
+
+def suffix_array(tokens: np.ndarray) -> np.ndarray:
+    """Token-level suffix array (int64) of a uint16/uint32 token array, by byte-level divsufsort."""
+    from pydivsufsort import divsufsort
+
+    width = tokens.dtype.itemsize
+    data = np.ascontiguousarray(tokens, dtype=tokens.dtype.newbyteorder(">")).view(np.uint8)
+    sa = divsufsort(data)
+    # Keep suffixes that start on a token boundary, in place to spare memory.
+    keep = sa[sa % width == 0] if width > 1 else sa
+    del sa
+    if width > 1:
+        keep //= width
+    return keep.astype(np.int64, copy=False)
+
+
+def _write_sa(path: Path, sa: np.ndarray, width: int, chunk: int = 1 << 24) -> None:
+    with AtomicFile(path) as f:
+        for start in range(0, len(sa), chunk):
+            part = sa[start:start + chunk]
+            if width == 4:
+                f.write(part.astype("<u4").tobytes())
+            else:
+                f.write(part.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :width].tobytes())
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with AtomicFile(path) as f:
+        np.save(f, arr, allow_pickle=False)
+
+
+def _bincount_chunked(tokens: np.ndarray, minlength: int, chunk: int = 1 << 24) -> np.ndarray:
+    counts = np.zeros(minlength, dtype=np.int64)
+    for start in range(0, len(tokens), chunk):
+        c = np.bincount(np.asarray(tokens[start:start + chunk]), minlength=minlength)
+        counts[:len(c)] += c
+    return counts
+
+
+def build_index_arrays(tokens: np.ndarray, doc_offsets: np.ndarray, documents: Sequence[dict], out_dir: Path, *,
+                       eot_id: int, tokenizer_sha256: str | None = None, extra: dict | None = None,
+                       sa_width: int | None = None) -> dict:
+    """Write a trace index for a token stream split into documents; return index.json's content.
+
+    tokens: uint16 or uint32, each document followed by eot_id. doc_offsets: n_docs+1 starts.
+    documents: one dict per document (id, source, license, sha256). sa_width forces 4 or 5 bytes
+    per suffix-array entry (tests use 5 to exercise the 40-bit layout on small data).
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokens = np.asarray(tokens)
+    if tokens.dtype not in (np.uint16, np.uint32):
+        raise ValueError(f"tokens must be uint16 or uint32, not {tokens.dtype}")
+    n = len(tokens)
+    if n == 0:
+        raise UserError("trace: the training token stream is empty; nothing to index")
+    doc_offsets = np.asarray(doc_offsets, dtype=np.int64)
+    if len(doc_offsets) != len(documents) + 1 or doc_offsets[0] != 0 or doc_offsets[-1] != n \
+            or np.any(np.diff(doc_offsets) <= 0):
+        raise ValueError("doc_offsets must rise strictly from 0 to len(tokens), one more than documents")
+    width = sa_width or _sa_width(n)
+    if width not in (4, 5) or (width == 4 and n > 2**32):
+        raise ValueError(f"sa_width {width} cannot address {n} tokens")
+
+    # Tokens, big-endian.
+    be = np.dtype(tokens.dtype).newbyteorder(">")
+    with AtomicFile(out_dir / "tokens.bin") as f:
+        for start in range(0, n, 1 << 24):
+            f.write(tokens[start:start + (1 << 24)].astype(be).tobytes())
+    t_sort = time.perf_counter()
+    sa = suffix_array(tokens)
+    sort_seconds = time.perf_counter() - t_sort
+    _write_sa(out_dir / "sa.bin", sa, width)
+    del sa
+    vocab = int(max(int(tokens.max()), eot_id)) + 1
+    buckets = np.zeros(vocab + 1, dtype=np.int64)
+    np.cumsum(_bincount_chunked(tokens, vocab), out=buckets[1:])
+    _save_npy(out_dir / "buckets.npy", buckets)
+    _save_npy(out_dir / "doc_offsets.npy", doc_offsets)
+    line_offsets = np.zeros(len(documents) + 1, dtype=np.int64)
+    with AtomicFile(out_dir / "documents.jsonl") as f:
+        for i, d in enumerate(documents):
+            row = {k: d.get(k) for k in ("id", "source", "license", "sha256")}
+            line = (json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+            f.write(line)
+            line_offsets[i + 1] = line_offsets[i] + len(line)
+    _save_npy(out_dir / "documents.idx.npy", line_offsets)
+    info = {
+        "format": FORMAT,
+        "token_dtype": np.dtype(tokens.dtype).name,
+        "token_byteorder": "big",
+        "token_bytes": int(tokens.dtype.itemsize),
+        "sa_bytes": width,
+        "tokens": n,
+        "documents": len(documents),
+        "eot_id": int(eot_id),
+        "tokenizer_sha256": tokenizer_sha256,
+        **(extra or {}),
+        "build_seconds": round(time.perf_counter() - t0, 3),
+        "sort_seconds": round(sort_seconds, 3),
+        "files": {name: {"sha256": sha256_file(out_dir / name), "bytes": (out_dir / name).stat().st_size}
+                  for name in FILES},
+    }
+    atomic_write_json(out_dir / "index.json", info)
+    return info
+
+
+def build_index(data_dir: Path, out_dir: Path) -> dict:
+    """Index the training split of a run's token shards into out_dir (e.g. release/trace).
+
+    Reads data/shards.json, train.bin, train.offsets.npy and manifest.json; writes a folder that
+    needs nothing else at query time but the release's tokenizer.json.
+    """
+    data_dir = Path(data_dir)
+    info_path = data_dir / "shards.json"
+    if not info_path.is_file():
+        raise UserError(f"{data_dir}: no token shards (shards.json); run the shards stage first")
+    info = json.loads(info_path.read_text())
+    tokens = np.memmap(data_dir / "train.bin", dtype=np.dtype(info["dtype"]), mode="r")
+    offsets = np.load(data_dir / "train.offsets.npy", allow_pickle=False)
+    ids: list[str] = info["train"]["documents"]
+    if len(offsets) != len(ids) + 1 or int(offsets[-1]) != len(tokens):
+        raise UserError(f"{data_dir}: train.offsets.npy does not match train.bin and shards.json")
+    ends = np.asarray(tokens[offsets[1:] - 1]) if len(ids) else np.zeros(0, tokens.dtype)
+    if len(ends) == 0 or np.any(ends != ends[0]):
+        raise UserError(f"{data_dir}: train.bin documents do not all end with the same <|endoftext|> token")
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    by_id: dict[str, dict] = {}
+    for entry in manifest.get("documents", []):
+        if entry.get("status", "kept") == "kept":
+            by_id.setdefault(entry["id"], entry)
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise UserError(f"{data_dir}: {len(missing)} training documents are not in manifest.json "
+                        f"(first: {missing[0]})")
+    docs = [by_id[i] for i in ids]
+    extra = {"order_sha256": info.get("order_sha256"), "shards_sha256": sha256_file(info_path)}
+    return build_index_arrays(tokens, offsets, docs, Path(out_dir), eot_id=int(ends[0]),
+                              tokenizer_sha256=info.get("tokenizer_sha256"), extra=extra)
+
+
+# --------------------------------------------------------------------------------------------- query
+
+
+def _map(path: Path) -> mmap.mmap:
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+class TraceIndex:
+    """A memory-mapped trace index: token-level search, no tokenizer needed."""
+
+    def __init__(self, trace_dir: Path | str):
+        self.dir = Path(trace_dir)
+        meta_path = self.dir / "index.json"
+        if not meta_path.is_file():
+            raise UserError(f"{self.dir}: no trace index (index.json)")
+        self.meta: dict = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise UserError(f"{self.dir}: unknown trace index format {self.meta.get('format')!r} (want {FORMAT})")
+        for name in FILES:
+            want = self.meta["files"][name]["bytes"]
+            if not (self.dir / name).is_file() or (self.dir / name).stat().st_size != want:
+                raise UserError(f"{self.dir / name}: missing or not the size index.json records ({want} bytes)")
+        self.n = int(self.meta["tokens"])
+        self.w = int(self.meta["token_bytes"])
+        self.sa_bytes = int(self.meta["sa_bytes"])
+        self.eot_id = int(self.meta["eot_id"])
+        self._tok_mm = _map(self.dir / "tokens.bin")
+        self.tokens = np.frombuffer(self._tok_mm, dtype=np.dtype(self.meta["token_dtype"]).newbyteorder(">"))
+        self._sa_mm = _map(self.dir / "sa.bin")
+        # Scalar reads of the suffix array in the search loop: a memoryview index is ~50 ns.
+        self._sa_u32 = memoryview(self._sa_mm).cast("I") if self.sa_bytes == 4 and sys.byteorder == "little" else None
+        self.buckets = np.load(self.dir / "buckets.npy", allow_pickle=False)
+        self._bucket_list: list[int] = self.buckets.tolist()
+        self.doc_offsets = np.load(self.dir / "doc_offsets.npy", mmap_mode="r", allow_pickle=False)
+        self._doc_idx = np.load(self.dir / "documents.idx.npy", mmap_mode="r", allow_pickle=False)
+        self._docs_mm = _map(self.dir / "documents.jsonl") if self.meta["files"]["documents.jsonl"]["bytes"] else None
+        self.n_docs = int(self.meta["documents"])
+
+    # -- raw access
+
+    def sa_at(self, i: int) -> int:
+        if self._sa_u32 is not None:
+            return self._sa_u32[i]
+        b = self.sa_bytes
+        return int.from_bytes(self._sa_mm[i * b:(i + 1) * b], "little")
+
+    def sa_range(self, lo: int, hi: int) -> np.ndarray:
+        """Stream positions of suffixes lo..hi-1 (int64)."""
+        k = max(0, hi - lo)
+        if self.sa_bytes == 4:
+            return np.frombuffer(self._sa_mm, dtype="<u4", count=k, offset=lo * 4).astype(np.int64)
+        raw = np.frombuffer(self._sa_mm, dtype=np.uint8, count=k * self.sa_bytes, offset=lo * self.sa_bytes)
+        wide = np.zeros((k, 8), dtype=np.uint8)
+        wide[:, :self.sa_bytes] = raw.reshape(k, self.sa_bytes)
+        return wide.view("<u8").ravel().astype(np.int64)
+
+    def key(self, ids: Sequence[int]) -> bytes:
+        return np.asarray(ids, dtype=np.int64).astype(self.tokens.dtype).tobytes()
+
+    def _bucket(self, first: int) -> tuple[int, int]:
+        if not 0 <= first < len(self._bucket_list) - 1:
+            return 0, 0
+        return self._bucket_list[first], self._bucket_list[first + 1]
+
+    def _bound(self, key: bytes, lo: int, hi: int, upper: bool) -> int:
+        """First suffix in [lo, hi) whose prefix is >= key (or > key when upper)."""
+        tok, m, w = self._tok_mm, len(key), self.w
+        sa = self._sa_u32
+        if sa is not None:
+            if upper:
+                while lo < hi:
+                    mid = (lo + hi) >> 1
+                    p = sa[mid] * w
+                    if tok[p:p + m] <= key:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+            else:
+                while lo < hi:
+                    mid = (lo + hi) >> 1
+                    p = sa[mid] * w
+                    if tok[p:p + m] < key:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+            return lo
+        at = self.sa_at
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            p = at(mid) * w
+            s = tok[p:p + m]
+            if s < key or (upper and s == key):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def find(self, ids: Sequence[int]) -> tuple[int, int]:
+        """Suffix-array range [lo, hi) of the suffixes that start with ids."""
+        ids = list(ids)
+        if not ids or any(not 0 <= t < len(self._bucket_list) - 1 for t in ids):
+            return 0, 0
+        lo, hi = self._bucket(ids[0])
+        if len(ids) == 1 or lo == hi:
+            return lo, hi
+        key = self.key(ids)
+        lo = self._bound(key, lo, hi, upper=False)
+        return lo, self._bound(key, lo, hi, upper=True)
+
+    def count(self, ids: Sequence[int]) -> int:
+        lo, hi = self.find(ids)
+        return hi - lo
+
+    def _lcp_tokens(self, key: bytes, p: int) -> int:
+        """Whole tokens in common between key and the stream from token p."""
+        m = len(key)
+        s = self._tok_mm[p * self.w:p * self.w + m]
+        if s == key:
+            return m // self.w
+        k = min(len(s), m)
+        a = np.frombuffer(key, dtype=np.uint8, count=k)
+        b = np.frombuffer(s, dtype=np.uint8, count=k)
+        diff = np.flatnonzero(a != b)
+        return int(diff[0] if diff.size else k) // self.w
+
+    def longest_matches(self, ids: Sequence[int]) -> list[int]:
+        """For each start i, the largest L with ids[i:i+L] in the stream (no span crosses <|endoftext|>)."""
+        ids = list(ids)
+        out = [0] * len(ids)
+        limit = len(self._bucket_list) - 1
+        start = 0
+        while start < len(ids):
+            # A segment: a run of tokens that can occur inside one document.
+            end = start
+            while end < len(ids) and ids[end] != self.eot_id and 0 <= ids[end] < limit:
+                end += 1
+            if end > start:
+                seg_key = self.key(ids[start:end])
+                for i in range(start, end):
+                    lo, hi = self._bucket(ids[i])
+                    if lo == hi:
+                        continue
+                    key = seg_key[(i - start) * self.w:]
+                    if len(key) == self.w:
+                        out[i] = 1
+                        continue
+                    j = self._bound(key, lo, hi, upper=False)
+                    best = 1
+                    if j < hi:
+                        best = max(best, self._lcp_tokens(key, self.sa_at(j)))
+                    if j > lo:
+                        best = max(best, self._lcp_tokens(key, self.sa_at(j - 1)))
+                    out[i] = best
+            start = end + 1
+        return out
+
+    def maximal_spans(self, ids: Sequence[int], min_tokens: int = 1) -> list[tuple[int, int]]:
+        """Token ranges [i, j) of ids that occur in the stream and cannot be extended either way."""
+        lengths = self.longest_matches(ids)
+        spans: list[tuple[int, int]] = []
+        reach = 0  # furthest end of any span starting earlier
+        for i, length in enumerate(lengths):
+            end = i + length
+            if length and end > reach:
+                if length >= min_tokens:
+                    spans.append((i, end))
+                reach = end
+        return spans
+
+    def document_of(self, positions: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.doc_offsets, positions, side="right") - 1
+
+    def document(self, i: int) -> dict:
+        """Row i of the document table: id, source, license, sha256."""
+        a, b = int(self._doc_idx[i]), int(self._doc_idx[i + 1])
+        return json.loads(self._docs_mm[a:b]) if self._docs_mm is not None else {}
+
+    def occurrences(self, lo: int, hi: int, max_docs: int) -> dict:
+        """Documents holding the suffixes lo..hi-1: the max_docs with most occurrences, and the first position in each."""
+        scan_hi = min(hi, lo + DOC_SCAN_LIMIT)
+        pos = self.sa_range(lo, scan_hi)
+        docs = self.document_of(pos)
+        order = np.lexsort((pos, docs))  # by document, then position
+        docs_sorted, pos_sorted = docs[order], pos[order]
+        uniq, first, counts = np.unique(docs_sorted, return_index=True, return_counts=True)
+        pick = np.lexsort((uniq, -counts))[:max_docs]
+        return {
+            "document_count": int(len(uniq)),
+            "documents_exact": scan_hi == hi,
+            "documents": [(int(uniq[k]), int(counts[k]), int(pos_sorted[first[k]])) for k in pick],
+        }
+
+    def trace_ids(self, ids: Sequence[int], min_tokens: int = 8, max_docs: int = 5) -> list[dict]:
+        """Maximal spans of ids at least min_tokens long, longest and rarest first, with their documents."""
+        ids = list(ids)
+        spans = []
+        for i, j in self.maximal_spans(ids, min_tokens):
+            lo, hi = self.find(ids[i:j])
+            occ = self.occurrences(lo, hi, max_docs)
+            spans.append({"token_start": i, "token_end": j, "tokens": j - i, "occurrences": hi - lo, **occ})
+        spans.sort(key=lambda s: (-s["tokens"], s["occurrences"], s["token_start"]))
+        return spans
+
+    def doc_span(self, doc: int) -> tuple[int, int]:
+        """Token range of document doc without its trailing <|endoftext|>."""
+        a, b = int(self.doc_offsets[doc]), int(self.doc_offsets[doc + 1])
+        if b > a and int(self.tokens[b - 1]) == self.eot_id:
+            b -= 1
+        return a, b
+
+
+class Tracer:
+    """Trace text against a release's trace index, tokenized with the release's tokenizer.
+
+    Thread-safe for concurrent queries (read-only maps; the tokenizer is reentrant).
+    """
+
+    def __init__(self, trace_dir: Path | str):
+        from glassforge.tokenizer import load_tokenizer
+
+        trace_dir = Path(trace_dir)
+        self.index = TraceIndex(trace_dir)
+        self.tokenizer = load_tokenizer(trace_dir.parent)
+        want = self.index.meta.get("tokenizer_sha256")
+        if want and sha256_file(trace_dir.parent / "tokenizer.json") != want:
+            raise UserError(f"{trace_dir}: the trace index was built with another tokenizer than "
+                            f"{trace_dir.parent / 'tokenizer.json'}")
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=False) if len(ids) else ""
+
+    def _snippet(self, doc: int, pos: int, length: int, context: int = SNIPPET_CONTEXT) -> dict:
+        a, b = self.index.doc_span(doc)
+        s, e = max(a, pos - context), min(b, pos + length + context)
+        toks = self.index.tokens
+        before, match, after = (self._decode(toks[s:pos]), self._decode(toks[pos:pos + length]),
+                                self._decode(toks[pos + length:e]))
+        lead, tail = ("…" if s > a else ""), ("…" if e < b else "")
+        return {"snippet": f"{lead}{before}«{match}»{after}{tail}",
+                "snippet_parts": [lead + before, match, after + tail],
+                "token_offset": pos - a}
+
+    def _documents(self, found: list[tuple[int, int, int]], length: int) -> list[dict]:
+        out = []
+        for doc, n_occ, pos in found:
+            row = self.index.document(doc)
+            out.append({"id": row.get("id"), "source": row.get("source"), "license": row.get("license"),
+                        "sha256": row.get("sha256"), "occurrences": n_occ, **self._snippet(doc, pos, length)})
+        return out
+
+    def _encode(self, text: str):
+        if not isinstance(text, str) or not text:
+            raise UserError("the text is empty")
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def trace(self, text: str, min_tokens: int = 8, max_docs: int = 5) -> dict:
+        """Maximal spans of text (at least min_tokens tokens) found verbatim in the training data.
+
+        Spans come longest first, then rarest; each gives char offsets [start, end) into text, its
+        token count, the number of occurrences in the training stream and up to max_docs documents
+        (those holding it most often) with a snippet where «the span» is marked.
+        """
+        if min_tokens < 1:
+            raise UserError(f"min_tokens must be at least 1, not {min_tokens}")
+        if max_docs < 0:
+            raise UserError(f"max_docs must be at least 0, not {max_docs}")
+        t0 = time.perf_counter()
+        enc = self._encode(text)
+        ids, offsets = enc.ids, enc.offsets
+        spans = self.index.trace_ids(ids, min_tokens=min_tokens, max_docs=max_docs)
+        covered = np.zeros(len(ids), dtype=bool)
+        for s in spans:
+            i, j = s["token_start"], s["token_end"]
+            covered[i:j] = True
+            s["start"], s["end"] = offsets[i][0], offsets[j - 1][1]
+            s["text"] = text[s["start"]:s["end"]]
+            s["documents"] = self._documents(s["documents"], j - i)
+        ordered = [{k: s[k] for k in ("start", "end", "text", "tokens", "token_start", "token_end", "occurrences",
+                                      "document_count", "documents_exact", "documents")} for s in spans]
+        return {
+            "tokens": len(ids),
+            "min_tokens": min_tokens,
+            "spans": ordered,
+            "covered_tokens": int(covered.sum()),
+            "index": {"tokens": self.index.n, "documents": self.index.n_docs},
+            "elapsed_ms": round((time.perf_counter() - t0) * 1000, 3),
+        }
+
+    def contains(self, text: str, max_docs: int = 10) -> dict:
+        """Exact membership: how often text occurs in the training stream, and in which documents.
+
+        Matching is on whole tokens; the text is also tried with a leading space (the tokenizer
+        joins a word to the space before it, so mid-sentence occurrences tokenize that way). The
+        two forms start with different tokens, so their occurrences never overlap and add up.
+        """
+        t0 = time.perf_counter()
+        enc = self._encode(text)
+        forms = [enc.ids]
+        if not text[0].isspace():
+            forms.append(self.tokenizer.encode(" " + text, add_special_tokens=False).ids)
+        total, exact, merged = 0, True, {}
+        for ids in forms:
+            if self.index.eot_id in ids:
+                continue
+            lo, hi = self.index.find(ids)
+            total += hi - lo
+            exact = exact and hi - lo <= DOC_SCAN_LIMIT
+            if hi > lo:
+                for doc, n_occ, pos in self.index.occurrences(lo, hi, max_docs=DOC_SCAN_LIMIT)["documents"]:
+                    if doc in merged:
+                        merged[doc][1] += n_occ
+                    else:
+                        merged[doc] = [doc, n_occ, pos, len(ids)]
+        ranked = sorted(merged.values(), key=lambda r: (-r[1], r[0]))
+        docs = []
+        for doc, n_occ, pos, length in ranked[:max_docs]:
+            docs.extend(self._documents([(doc, n_occ, pos)], length))
+        return {
+            "text": text,
+            "tokens": len(enc.ids),
+            "count": total,
+            "document_count": len(merged),
+            "documents_exact": exact,
+            "documents": docs,
+            "index": {"tokens": self.index.n, "documents": self.index.n_docs},
+            "elapsed_ms": round((time.perf_counter() - t0) * 1000, 3),
+        }
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def open_tracer(run: Path | str) -> Tracer:
+    """The Tracer of a run folder's release, or of a release folder."""
+    from glassforge.generate import resolve_release
+
+    release = resolve_release(run)
+    trace_dir = release / "trace"
+    if not (trace_dir / "index.json").is_file():
+        raise UserError(f"{release}: the release has no trace index (trace/index.json); "
+                        f"rebuild it with `glassforge release`")
+    return Tracer(trace_dir)
+
+
+def _short(text: str, limit: int = 240) -> str:
+    text = text.replace("\n", "⏎ ")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def format_trace(result: dict) -> str:
+    idx = result["index"]
+    where = f"the training data ({_plural(idx['tokens'], 'token')}, {_plural(idx['documents'], 'document')})"
+    if not result["spans"]:
+        return (f"No span of {result['min_tokens']} or more tokens of this text "
+                f"({_plural(result['tokens'], 'token')}) occurs verbatim in {where}.")
+    pct = 100 * result["covered_tokens"] / max(1, result["tokens"])
+    n = len(result["spans"])
+    lines = [f"{_plural(n, 'span')} of at least {result['min_tokens']} tokens occur{'s' if n == 1 else ''} verbatim in "
+             f"{where}, covering {pct:.0f}% of the text's {result['tokens']} tokens.", ""]
+    for k, s in enumerate(result["spans"], 1):
+        ndoc = f"{s['document_count']:,}{'' if s['documents_exact'] else '+'} document" \
+               f"{'' if s['document_count'] == 1 else 's'}"
+        lines.append(f"[{k}] characters {s['start']}-{s['end']}, {s['tokens']} tokens, "
+                     f"{_plural(s['occurrences'], 'occurrence')} in {ndoc}")
+        lines.append(f"    \"{_short(s['text'])}\"")
+        lines += _format_docs(s["documents"])
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def _format_docs(docs: list[dict]) -> list[str]:
+    lines = []
+    for d in docs:
+        lines.append(f"    - {d['id']}  licence {d['license']}  sha256 {str(d['sha256'])[:16]}…  "
+                     f"({_plural(d['occurrences'], 'time')})")
+        if d.get("source"):
+            lines.append(f"      {d['source']}")
+        lines.append(f"      {_short(d['snippet'], 300)}")
+    return lines
+
+
+def format_contains(result: dict) -> str:
+    idx = result["index"]
+    if not result["count"]:
+        return (f"Not found: the text ({_plural(result['tokens'], 'token')}) does not occur verbatim in the training "
+                f"data ({_plural(idx['tokens'], 'token')}, {_plural(idx['documents'], 'document')}).")
+    more = "" if result["documents_exact"] else "+"
+    lines = [f"Found {_plural(result['count'], 'time')} in {result['document_count']:,}{more} training "
+             f"document{'' if result['document_count'] == 1 else 's'}"
+             f"{' (showing ' + str(len(result['documents'])) + ')' if len(result['documents']) < result['document_count'] else ''}:"]
+    lines += _format_docs(result["documents"])
+    return "\n".join(lines)
+
+
+def trace_command(run: Path | str, text: str, as_json: bool = False, min_tokens: int = 8) -> int:
+    """`glassforge trace`: print the spans of text found in the training data. Exit 0 (also when none)."""
+    result = open_tracer(run).trace(text, min_tokens=min_tokens)
+    print(json.dumps(result, indent=2, ensure_ascii=False) if as_json else format_trace(result))
+    return 0
+
+
+def contains_command(run: Path | str, text: str, as_json: bool = False) -> int:
+    """`glassforge contains`: exit 0 when the text occurs in the training data, 1 when not (like grep)."""
+    result = open_tracer(run).contains(text)
+    print(json.dumps(result, indent=2, ensure_ascii=False) if as_json else format_contains(result))
+    return 0 if result["count"] else 1
+
+
+__all__ = ["build_index", "build_index_arrays", "suffix_array", "TraceIndex", "Tracer", "open_tracer",
+           "trace_command", "contains_command", "format_trace", "format_contains"]
+
