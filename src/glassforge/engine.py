@@ -1,0 +1,586 @@
+"""The inference engine behind `glassforge serve` and `glassforge chat`.
+
+One background thread owns the model and a `KVCache` with one slot per running
+sequence (`max_batch` slots of `max_context` positions). It loops:
+
+1. drop sequences whose client went away (their slot is free at once);
+2. admit waiting sequences into free slots and prefill each prompt in one
+   forward pass (the `n` choices of one prompt share a prefill: the cache rows
+   are copied, not recomputed);
+3. run one decode step for every running sequence together: one forward pass
+   over `[B, 1]` tokens, each at its own position in its own slot.
+
+So requests that arrive while others decode join between two steps
+(continuous batching) and never wait for a whole batch to finish. Only one
+thread touches torch, which keeps the two CPU cores to one set of matmuls at a
+time; other work that needs the model (embeddings) is queued to that thread too.
+
+Sampling is batched over rows with per-row parameters. Randomness comes from
+one `torch.Generator` per sequence (seeded from the request's seed and the
+choice index), drawn as exponential noise over the vocabulary: the token is
+`argmax(p / E)`, which is exactly a draw from `p` and keeps each sequence's
+draws independent of what else shares its batch, so a seed reproduces its
+output. Log-probabilities are those of the model (raw logits), as OpenAI and
+vLLM report them; penalties, bias, temperature, top-k and top-p change only
+what is sampled.
+
+Text is decoded incrementally (a window of ids re-decoded so that multi-byte
+characters split across tokens are never emitted half-way) and stop strings
+are matched on the text, so a stop that spans tokens is found, cut from the
+output, and any text that could still be the start of a stop string is held
+back until it is known not to be one: nothing of a stop ever leaks into a
+stream.
+
+Results leave the engine as `Event`s through a callback the caller supplies
+(the server hands events to its event loop with `call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import queue
+import random
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from glassforge.errors import UserError
+from glassforge.model import KVCache, Llama, apply_rope, rope_tables
+
+
+class QueueFull(Exception):
+    """The waiting queue has no room: the caller should retry later."""
+
+
+class ContextTooLong(UserError):
+    """Prompt plus max_tokens exceed the engine's maximum context."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: set[int] = field(default_factory=set)
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
+    prompt_logprobs: int | None = None  # the same over the prompt (completions `echo`)
+
+
+@dataclass
+class TokenLogprob:
+    id: int
+    token: str
+    logprob: float | None
+    top: list[tuple[int, str, float]] | None
+    offset: int  # characters of output text before this token
+
+
+@dataclass
+class Event:
+    """What one sequence produced since its last event."""
+
+    index: int
+    text: str = ""
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+Sink = Callable[[Event], None]
+
+
+class Sequence:
+    """One choice being generated: its tokens, text state and cache slot."""
+
+    def __init__(self, index: int, prompt_ids: list[int], params: SamplingParams, sink: Sink, group: int):
+        self.index = index
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.sink = sink
+        self.group = group  # sequences of one prompt of one request share a prefill
+        self.slot = -1
+        self.out_ids: list[int] = []
+        self.pending: list[TokenLogprob] = []
+        self.text = ""  # decoded output so far (stop strings not yet cut)
+        self.sent = 0  # characters of text already emitted
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.done = False
+        self.cancelled = False
+        self.first_event = True
+        self.counts: torch.Tensor | None = None
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        self.generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    @property
+    def position(self) -> int:
+        """Position of the next token to feed (the last generated one)."""
+        return len(self.prompt_ids) + len(self.out_ids) - 1
+
+
+class Engine:
+    """Continuous-batching generation over one model; thread-safe `submit`."""
+
+    def __init__(self, folder: Path | str, max_batch: int = 16, max_context: int | None = None,
+                 max_queue: int | None = None, dtype: torch.dtype = torch.float32):
+        from glassforge.generate import resolve_release
+        from glassforge.tokenizer import END, ENDOFTEXT, chat_template_of, load_tokenizer
+
+        if max_batch < 1:
+            raise UserError(f"--max-batch {max_batch}: must be at least 1")
+        self.folder = resolve_release(folder)
+        self.model = Llama.from_pretrained(self.folder, dtype=dtype)
+        self.cfg = self.model.cfg
+        self.tokenizer = load_tokenizer(self.folder)
+        self.chat_template = chat_template_of(self.folder)
+        self.end_id = self.tokenizer.token_to_id(END)
+        self.eot_id = self.tokenizer.token_to_id(ENDOFTEXT)
+        self.eos_ids = {i for i in (self.end_id, self.eot_id) if i is not None}
+        self.vocab_size = self.cfg.vocab_size
+        if max_context is None:
+            max_context = self.cfg.max_seq_len
+        if not 2 <= max_context <= self.cfg.max_seq_len:
+            raise UserError(f"--max-context {max_context}: must be between 2 and the model's "
+                            f"{self.cfg.max_seq_len}")
+        self.max_context = max_context
+        self.max_batch = max_batch
+        self.max_queue = max_queue if max_queue is not None else max(64, 8 * max_batch)
+        self.cache = KVCache(self.cfg, max_batch, max_context, dtype=dtype)
+        self.free_slots = list(range(max_batch - 1, -1, -1))
+        self.running: list[Sequence] = []
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.cond = threading.Condition()
+        self._groups = 0
+        self._closed = False
+        # counters read by /metrics
+        self.stats = collections.Counter()
+        self.decode_time = 0.0
+        self._token_cache: dict[int, str] = {}
+        self.thread = threading.Thread(target=self._loop, name="glassforge-engine", daemon=True)
+        self.thread.start()
+
+    # --- the public side ------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def token_str(self, token_id: int) -> str:
+        s = self._token_cache.get(token_id)
+        if s is None:
+            s = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_cache[token_id] = s
+        return s
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise UserError (or ContextTooLong) for a request the engine cannot run."""
+        if not prompt_ids:
+            raise UserError("the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        need = len(prompt_ids) + max(params.max_tokens, 1)
+        if need > self.max_context:
+            raise ContextTooLong(
+                f"This model's maximum context length is {self.max_context} tokens. However, you requested "
+                f"{len(prompt_ids) + params.max_tokens} tokens ({len(prompt_ids)} in the prompt, "
+                f"{params.max_tokens} for the completion). Please reduce the prompt or max_tokens.")
+
+    def submit(self, requests: list[tuple[int, list[int], SamplingParams]], sink: Sink) -> list[Sequence]:
+        """Queue sequences (choice index, prompt ids, params), all or none; events go to sink."""
+        for _, ids, params in requests:
+            self.check_request(ids, params)
+        with self.cond:
+            if self._closed:
+                raise QueueFull("the engine is shutting down")
+            if len(self.waiting) + len(requests) > self.max_queue + max(0, len(self.free_slots)):
+                self.stats["rejected"] += 1
+                raise QueueFull(f"{len(self.waiting)} sequences are waiting (queue limit {self.max_queue})")
+            seqs = []
+            groups: dict[tuple, int] = {}
+            for index, ids, params in requests:
+                key = (tuple(ids), id(params))
+                if key not in groups:
+                    self._groups += 1
+                    groups[key] = self._groups
+                seqs.append(Sequence(index, ids, params, sink, groups[key]))
+            self.waiting.extend(seqs)
+            self.cond.notify()
+        return seqs
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        """Stop these sequences and free their slots before the next step."""
+        with self.cond:
+            for s in seqs:
+                s.cancelled = True
+            self.cond.notify()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn on the engine thread (between steps); its result comes back in a Future."""
+        fut: Future = Future()
+        self.jobs.put((fn, fut))
+        with self.cond:
+            self.cond.notify()
+        return fut
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, n: int = 1) -> list[Event]:
+        """Blocking: run one prompt to the end; one merged Event per choice."""
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        self.submit([(i, prompt_ids, params) for i in range(n)], q.put)
+        merged = {i: Event(index=i) for i in range(n)}
+        finished = 0
+        while finished < n:
+            ev = q.get()
+            m = merged[ev.index]
+            if ev.error:
+                raise RuntimeError(ev.error)
+            m.text += ev.text
+            m.tokens += ev.tokens
+            if ev.prompt_logprobs is not None:
+                m.prompt_logprobs = ev.prompt_logprobs
+            if ev.finish_reason:
+                m.finish_reason = ev.finish_reason
+                m.prompt_tokens, m.completion_tokens = ev.prompt_tokens, ev.completion_tokens
+                finished += 1
+        return [merged[i] for i in range(n)]
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.running)
+
+    def close(self) -> None:
+        with self.cond:
+            self._closed = True
+            self.cond.notify()
+        self.thread.join(timeout=10)
+
+    @torch.inference_mode()
+    def embed(self, batch: list[list[int]]) -> list[list[float]]:
+        """Mean-pooled final hidden states, L2-normalised (call on the engine thread via `call`)."""
+        out = []
+        for ids in batch:
+            h = self.model.hidden_states(torch.tensor([ids]))[0].float().mean(0)
+            out.append(F.normalize(h, dim=-1).tolist())
+        return out
+
+    @torch.inference_mode()
+    def score(self, ids: list[int], k: int | None) -> list[TokenLogprob] | None:
+        """Log-probs of a prompt's own tokens (call on the engine thread via `call`)."""
+        if k is None:
+            return None
+        logits, _ = self.model(torch.tensor([ids]))
+        return self._prompt_logprobs(ids, logits[0, :-1], k)
+
+    # --- the engine thread --------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.cond:
+                while (not self._closed and not self.waiting and not self.running and self.jobs.empty()):
+                    self.cond.wait(timeout=1.0)
+                if self._closed:
+                    break
+            try:
+                self._run_jobs()
+                self._reap()
+                self._admit()
+                if self.running:
+                    self._step()
+            except Exception as e:  # a bug: fail the running sequences, keep serving
+                import traceback
+
+                traceback.print_exc()
+                for s in self.running + list(self.waiting):
+                    self._finish(s, "abort", error=f"internal error: {type(e).__name__}: {e}")
+                self.waiting.clear()
+        for s in self.running + list(self.waiting):
+            self._finish(s, "abort", error="the server is shutting down")
+
+    def _run_jobs(self) -> None:
+        while not self.jobs.empty():
+            fn, fut = self.jobs.get()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:
+                    fut.set_exception(e)
+
+    def _reap(self) -> None:
+        with self.cond:
+            gone = [s for s in self.waiting if s.cancelled]
+            for s in gone:
+                self.waiting.remove(s)
+        for s in gone:
+            s.done = True
+            self.stats["cancelled"] += 1
+        for s in [s for s in self.running if s.cancelled]:
+            self._release(s)
+            self.stats["cancelled"] += 1
+
+    def _release(self, s: Sequence) -> None:
+        s.done = True
+        if s in self.running:
+            self.running.remove(s)
+        if s.slot >= 0:
+            self.free_slots.append(s.slot)
+            s.slot = -1
+
+    def _admit(self) -> None:
+        while self.free_slots:
+            with self.cond:
+                if not self.waiting:
+                    return
+                first = self.waiting.popleft()
+                group = [first]
+                while (self.waiting and self.waiting[0].group == first.group
+                       and len(group) < len(self.free_slots)):
+                    group.append(self.waiting.popleft())
+            group = [s for s in group if not s.cancelled]
+            if not group:
+                continue
+            first = group[0]
+            for s in group:
+                s.slot = self.free_slots.pop()
+            self._prefill(group)
+
+    def _prefill(self, group: list[Sequence]) -> None:
+        first = group[0]
+        ids = torch.tensor([first.prompt_ids])
+        T = ids.shape[1]
+        positions = torch.arange(T)[None]
+        logits = self.model.forward_cached(ids, positions, self.cache, torch.tensor([first.slot]))[0]
+        for s in group[1:]:  # the other choices of the same prompt: copy the cache rows
+            self.cache.k[:, s.slot, :, :T] = self.cache.k[:, first.slot, :, :T]
+            self.cache.v[:, s.slot, :, :T] = self.cache.v[:, first.slot, :, :T]
+        self.stats["prompt_tokens"] += T * len(group)
+        self.stats["prefills"] += 1
+        prompt_lp = None
+        k = first.params.prompt_logprobs
+        if k is not None:
+            prompt_lp = self._prompt_logprobs(first.prompt_ids, logits[:-1], k)
+        for s in group:
+            self.running.append(s)
+        self._sample_and_emit(group, logits[-1:].expand(len(group), -1), prompt_lp)
+
+    def _prompt_logprobs(self, ids: list[int], logits: torch.Tensor, k: int) -> list[TokenLogprob]:
+        lp = torch.log_softmax(logits.float(), -1)
+        chosen = lp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        tops = lp.topk(k, -1) if k > 0 else None
+        strs = [self.token_str(t) for t in ids]
+        out = [TokenLogprob(ids[0], strs[0], None, None, 0)]
+        offset = len(strs[0])
+        texts = self.tokenizer.decode_batch([ids[:i] for i in range(1, len(ids))], skip_special_tokens=False)
+        for i in range(1, len(ids)):
+            top = None
+            if tops is not None:
+                top = [(t, self.token_str(t), v) for t, v in zip(tops.indices[i - 1].tolist(),
+                                                                 tops.values[i - 1].tolist())]
+            offset = len(texts[i - 1])
+            out.append(TokenLogprob(ids[i], strs[i], chosen[i - 1], top, offset))
+        return out
+
+    def _step(self) -> None:
+        batch = self.running
+        t0 = time.perf_counter()
+        idx = torch.tensor([[s.out_ids[-1]] for s in batch])
+        positions = torch.tensor([[s.position] for s in batch])
+        slots = torch.tensor([s.slot for s in batch])
+        logits = self.model.forward_cached(idx, positions, self.cache, slots)[:, -1]
+        self.decode_time += time.perf_counter() - t0
+        self.stats["decode_steps"] += 1
+        self.stats["decode_rows"] += len(batch)
+        self._sample_and_emit(list(batch), logits, None)
+
+    # --- sampling -----------------------------------------------------------------
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        logits = logits.float()
+        B, V = logits.shape
+        greedy = [s.params.temperature <= 0 for s in seqs]
+        adjusted = None
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.logit_bias or p.presence_penalty or p.frequency_penalty:
+                if adjusted is None:
+                    adjusted = logits.clone()
+                row = adjusted[i]
+                if p.logit_bias:
+                    ids = torch.tensor(list(p.logit_bias.keys()))
+                    row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype))
+                if s.counts is not None:
+                    row -= p.frequency_penalty * s.counts + p.presence_penalty * (s.counts > 0).float()
+        if adjusted is not None:
+            logits = adjusted
+        if all(greedy):
+            return logits.argmax(-1).tolist()
+        temps = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs])[:, None]
+        scaled = logits / temps
+        if any(s.params.top_k > 0 or s.params.top_p < 1.0 for s in seqs):
+            sorted_logits, order = scaled.sort(-1, descending=True)
+            ranks = torch.arange(V)[None, :]
+            ks = torch.tensor([s.params.top_k if s.params.top_k > 0 else V for s in seqs])[:, None]
+            drop = ranks >= ks
+            probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+            ps = torch.tensor([s.params.top_p for s in seqs])[:, None]
+            drop |= (probs.cumsum(-1) - probs) > ps
+            drop[:, 0] = False
+            mask = torch.zeros_like(drop).scatter(-1, order, drop)
+            scaled = scaled.masked_fill(mask, float("-inf"))
+        probs = scaled.softmax(-1)
+        noise = torch.stack([torch.empty(V).exponential_(generator=s.generator) for s in seqs])
+        sampled = (probs / noise).argmax(-1)
+        best = logits.argmax(-1)
+        return [int(best[i]) if greedy[i] else int(sampled[i]) for i in range(B)]
+
+    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor,
+                         prompt_lp: list[TokenLogprob] | None) -> None:
+        tokens = self._sample(seqs, logits)
+        want_lp = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        lps = {}
+        if want_lp:
+            rows = torch.log_softmax(logits[want_lp].float(), -1)
+            kmax = max(seqs[i].params.logprobs for i in want_lp)
+            tops = rows.topk(kmax, -1) if kmax > 0 else None
+            for j, i in enumerate(want_lp):
+                k = seqs[i].params.logprobs
+                top = None
+                if tops is not None:
+                    top = [(t, self.token_str(t), v) for t, v in
+                           zip(tops.indices[j, :k].tolist(), tops.values[j, :k].tolist())]
+                lps[i] = (float(rows[j, tokens[i]]), top)
+        now = time.perf_counter()
+        for i, (s, tok) in enumerate(zip(seqs, tokens)):
+            if s.first_token_at is None:
+                s.first_token_at = now
+            self._append(s, tok, lps.get(i), prompt_lp)
+
+    def _append(self, s: Sequence, tok: int, lp, prompt_lp) -> None:
+        p = s.params
+        s.out_ids.append(tok)
+        self.stats["completion_tokens"] += 1
+        if p.presence_penalty or p.frequency_penalty:
+            if s.counts is None:
+                s.counts = torch.zeros(self.vocab_size)
+            s.counts[tok] += 1
+        offset = len(s.text)
+        is_stop_token = tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_ids)
+        if lp is not None:
+            s.pending.append(TokenLogprob(tok, self.token_str(tok), lp[0], lp[1], offset))
+        finish = None
+        if is_stop_token:
+            finish = "stop"
+        else:
+            delta = self._detokenize(s)
+            if delta:
+                before = len(s.text)
+                s.text += delta
+                if p.stop:
+                    cut = self._find_stop(s.text, before, p.stop)
+                    if cut is not None:
+                        s.text = s.text[:cut]
+                        finish = "stop"
+        if finish is None and len(s.out_ids) >= p.max_tokens:
+            finish = "length"
+        if finish is None and s.position + 1 >= self.max_context:
+            finish = "length"
+        if finish is None:
+            upto = len(s.text) - self._holdback(s.text, p.stop) if p.stop else len(s.text)
+            if upto > s.sent or s.pending or prompt_lp is not None:
+                self._emit(s, s.text[s.sent:upto], prompt_lp)
+                s.sent = max(s.sent, upto)
+        else:
+            if finish == "length":  # flush what was held back for a partial stop match
+                s.text += self._flush_detokenize(s)
+            self._finish(s, finish, prompt_lp=prompt_lp)
+
+    def _emit(self, s: Sequence, text: str, prompt_lp, finish: str | None = None, error: str | None = None):
+        ev = Event(index=s.index, text=text, tokens=s.pending, finish_reason=finish, error=error,
+                   prompt_logprobs=prompt_lp if s.first_event else None,
+                   prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.out_ids))
+        s.pending = []
+        s.first_event = False
+        try:
+            s.sink(ev)
+        except Exception:  # the receiver is gone: treat like a disconnect
+            s.cancelled = True
+
+    def _finish(self, s: Sequence, reason: str, prompt_lp=None, error: str | None = None) -> None:
+        if s.done:
+            return
+        text = s.text[s.sent:] if error is None else ""
+        s.sent = len(s.text)
+        self._release(s)
+        self.stats["finished"] += 1
+        self._emit(s, text, prompt_lp, finish=reason, error=error)
+
+    # --- text ---------------------------------------------------------------------
+
+    def _detokenize(self, s: Sequence) -> str:
+        """New complete text from the latest token (a window re-decode, never half a character)."""
+        ids = s.out_ids
+        prefix = self.tokenizer.decode(ids[s.prefix_offset:s.read_offset])
+        full = self.tokenizer.decode(ids[s.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            s.prefix_offset, s.read_offset = s.read_offset, len(ids)
+            return full[len(prefix):]
+        return ""
+
+    def _flush_detokenize(self, s: Sequence) -> str:
+        ids = s.out_ids
+        prefix = self.tokenizer.decode(ids[s.prefix_offset:s.read_offset])
+        full = self.tokenizer.decode(ids[s.prefix_offset:])
+        return full[len(prefix):] if len(full) > len(prefix) else ""
+
+    @staticmethod
+    def _find_stop(text: str, new_from: int, stops: list[str]) -> int | None:
+        """Earliest index where a stop string occurs, looking only where new text could complete one."""
+        best = None
+        for stop in stops:
+            i = text.find(stop, max(0, new_from - len(stop) + 1))
+            if i >= 0 and (best is None or i < best):
+                best = i
+        return best
+
+    @staticmethod
+    def _holdback(text: str, stops: list[str]) -> int:
+        """Characters at the end of text that could begin a stop string."""
+        hold = 0
+        for stop in stops:
+            for k in range(min(len(stop) - 1, len(text)), hold, -1):
+                if text.endswith(stop[:k]):
+                    hold = k
+                    break
+        return hold
+
+
+def load_engine(run: Path | str, max_batch: int = 16, max_context: int | None = None,
+                max_queue: int | None = None) -> Engine:
+    """The engine for a run folder or its release/ folder."""
+    return Engine(run, max_batch=max_batch, max_context=max_context, max_queue=max_queue)
