@@ -1,0 +1,146 @@
+"""The continuous-batching engine: batched decoding matches one-at-a-time decoding, and its limits hold."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+from glassforge.engine import ContextTooLong, Engine, QueueFull, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(random_model):
+    e = Engine(random_model, max_batch=4, max_queue=8)
+    yield e
+    e.close()
+
+
+def reference_greedy(engine, ids, n):
+    """Plain single-sequence greedy decoding with the model's full forward (no cache)."""
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = engine.model(torch.tensor([ids]))
+            t = int(logits[0, -1].argmax())
+            out.append(t)
+            ids.append(t)
+    return out
+
+
+def ids_of(ev):
+    return [t.id for t in ev.tokens]
+
+
+PROMPTS = ["import json\n", "def dedent(text):\n    ", "The string module contains", "x"]
+
+
+def test_batched_decoding_matches_reference(engine):
+    """Sequences that join a running batch at different times decode exactly as they would alone."""
+    prompts = [engine.encode(p) for p in PROMPTS]
+    lengths = [20, 7, 15, 11]
+    refs = [reference_greedy(engine, p, n) for p, n in zip(prompts, lengths)]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=0) for n in lengths]
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    results: dict[int, list[int]] = {i: [] for i in range(4)}
+    started = threading.Event()
+
+    def sink(ev):
+        results[ev.index] += ids_of(ev)
+        started.set()
+        q.put(ev)
+
+    engine.submit([(0, prompts[0], params[0])], sink)
+    started.wait(10)  # the first sequence is decoding; the others join between its steps
+    engine.submit([(1, prompts[1], params[1])], sink)
+    time.sleep(0.01)
+    engine.submit([(2, prompts[2], params[2]), (3, prompts[3], params[3])], sink)
+    done = 0
+    while done < 4:
+        if q.get(timeout=30).finish_reason:
+            done += 1
+    assert [results[i] for i in range(4)] == refs
+    assert engine.stats["decode_steps"] > 0
+
+
+def test_n_choices_share_a_prefill(engine):
+    ids = engine.encode(PROMPTS[1])
+    before = engine.stats["prefills"]
+    evs = engine.generate(ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0), n=3)
+    assert engine.stats["prefills"] == before + 1
+    assert ids_of(evs[0]) == ids_of(evs[1]) == ids_of(evs[2]) == reference_greedy(engine, ids, 6)
+
+
+def test_seeded_sampling_is_independent_of_batch_companions(engine):
+    ids = engine.encode(PROMPTS[0])
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=42, ignore_eos=True)
+    alone = engine.generate(ids, p)[0].text
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    other = SamplingParams(max_tokens=30, temperature=1.0, seed=1, ignore_eos=True)
+    engine.submit([(0, engine.encode(PROMPTS[2]), other), (1, engine.encode(PROMPTS[3]), other)], lambda ev: None)
+    together = engine.generate(ids, p)[0].text
+    assert alone == together
+    assert engine.generate(ids, SamplingParams(**{**p.__dict__, "seed": 43}))[0].text != alone
+
+
+def test_stop_string_helpers():
+    assert Engine._find_stop("abc STOP def", 0, ["STOP"]) == 4
+    assert Engine._find_stop("abc ST", 0, ["STOP"]) is None
+    assert Engine._find_stop("xxSTxxOP", 6, ["OP", "ST"]) == 6  # only where new text can complete a stop
+    assert Engine._holdback("hello S", ["STOP"]) == 1
+    assert Engine._holdback("hello STO", ["STOP", "Ox"]) == 3
+    assert Engine._holdback("hello", ["STOP"]) == 0
+
+
+def test_stop_token_and_max_tokens(engine):
+    ids = engine.encode(PROMPTS[0])
+    ref = reference_greedy(engine, ids, 8)
+    k = next((i for i in range(1, 8) if ref[i] not in ref[:i]), 0)
+    ev = engine.generate(ids, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True,
+                                             stop_token_ids={ref[k]}, logprobs=0))[0]
+    assert ev.finish_reason == "stop" and ids_of(ev) == ref[:k + 1] and ev.completion_tokens == k + 1
+    ev = engine.generate(ids, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert ev.finish_reason == "length" and ev.completion_tokens == 4
+
+
+def test_limits(engine):
+    with pytest.raises(ContextTooLong):
+        engine.check_request([1] * 10, SamplingParams(max_tokens=engine.max_context))
+    with pytest.raises(Exception):
+        engine.check_request([engine.vocab_size + 5], SamplingParams(max_tokens=1))
+
+
+def test_cancel_frees_the_slot_and_queue_bound(random_model):
+    e = Engine(random_model, max_batch=1, max_queue=1)
+    try:
+        long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        got: queue.SimpleQueue = queue.SimpleQueue()
+        seqs = e.submit([(0, e.encode("import"), long)], got.put)
+        got.get(timeout=10)
+        e.submit([(0, e.encode("x"), SamplingParams(max_tokens=1))], lambda ev: None)  # waits: slot taken
+        with pytest.raises(QueueFull):
+            e.submit([(0, e.encode("y"), SamplingParams(max_tokens=1))], lambda ev: None)
+        e.cancel(seqs)
+        deadline = time.time() + 5
+        while e.batch_size or e.queue_depth:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert e.stats["cancelled"] == 1 and e.stats["completion_tokens"] < 200
+    finally:
+        e.close()
+
+
+def test_max_context_caps_generation(random_model):
+    e = Engine(random_model, max_batch=2, max_context=16)
+    try:
+        ids = e.encode("import json")
+        ev = e.generate(ids, SamplingParams(max_tokens=16 - len(ids), temperature=0, ignore_eos=True))[0]
+        assert ev.finish_reason == "length" and ev.completion_tokens == 16 - len(ids)
+        with pytest.raises(ContextTooLong):
+            e.check_request(ids, SamplingParams(max_tokens=17 - len(ids)))
+    finally:
+        e.close()
