@@ -277,3 +277,20 @@ def test_tracer_refuses_another_tokenizer(tmp_path, release):
     (other / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(UserError, match="another tokenizer"):
         Tracer(other / "trace")
+
+
+def test_frequent_span_counts_stay_exact_when_documents_are_sampled(tmp_path, monkeypatch):
+    import glassforge.trace as trace_mod
+
+    idx = build_synthetic(tmp_path / "t", [[1, 2, 3, 1, 2, 3]] + [[1, 2, 3]] * 5)
+    monkeypatch.setattr(trace_mod, "DOC_SCAN_LIMIT", 3)
+    (span,) = idx.trace_ids([1, 2, 3], min_tokens=3, max_docs=10)
+    assert span["occurrences"] == 7 and not span["documents_exact"] and span["document_count"] <= 3
+
+
+def test_empty_text(release):
+    tracer = Tracer(release / "trace")
+    result = tracer.trace("")
+    assert result["tokens"] == 0 and result["spans"] == []
+    with pytest.raises(UserError):
+        tracer.contains("")

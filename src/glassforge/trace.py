@@ -334,16 +334,19 @@ class TraceIndex:
         return hi - lo
 
     def _lcp_tokens(self, key: bytes, p: int) -> int:
-        """Whole tokens in common between key and the stream from token p."""
-        m = len(key)
-        s = self._tok_mm[p * self.w:p * self.w + m]
+        """Whole tokens in common between key and the stream from token p (binary search of memcmps)."""
+        w = self.w
+        s = self._tok_mm[p * w:p * w + len(key)]
         if s == key:
-            return m // self.w
-        k = min(len(s), m)
-        a = np.frombuffer(key, dtype=np.uint8, count=k)
-        b = np.frombuffer(s, dtype=np.uint8, count=k)
-        diff = np.flatnonzero(a != b)
-        return int(diff[0] if diff.size else k) // self.w
+            return len(key) // w
+        lo, hi = 0, min(len(s), len(key)) // w
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1
+            if key[:mid * w] == s[:mid * w]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def longest_matches(self, ids: Sequence[int]) -> list[int]:
         """For each start i, the largest L with ids[i:i+L] in the stream (no span crosses <|endoftext|>)."""
@@ -400,16 +403,15 @@ class TraceIndex:
     def occurrences(self, lo: int, hi: int, max_docs: int) -> dict:
         """Documents holding the suffixes lo..hi-1: the max_docs with most occurrences, and the first position in each."""
         scan_hi = min(hi, lo + DOC_SCAN_LIMIT)
-        pos = self.sa_range(lo, scan_hi)
+        pos = np.sort(self.sa_range(lo, scan_hi))
         docs = self.document_of(pos)
-        order = np.lexsort((pos, docs))  # by document, then position
-        docs_sorted, pos_sorted = docs[order], pos[order]
-        uniq, first, counts = np.unique(docs_sorted, return_index=True, return_counts=True)
+        # Positions are sorted, so each document's first index is its first occurrence.
+        uniq, first, counts = np.unique(docs, return_index=True, return_counts=True)
         pick = np.lexsort((uniq, -counts))[:max_docs]
         return {
             "document_count": int(len(uniq)),
             "documents_exact": scan_hi == hi,
-            "documents": [(int(uniq[k]), int(counts[k]), int(pos_sorted[first[k]])) for k in pick],
+            "documents": [(int(uniq[k]), int(counts[k]), int(pos[first[k]])) for k in pick],
         }
 
     def trace_ids(self, ids: Sequence[int], min_tokens: int = 8, max_docs: int = 5) -> list[dict]:
@@ -487,7 +489,10 @@ class Tracer:
         if max_docs < 0:
             raise UserError(f"max_docs must be at least 0, not {max_docs}")
         t0 = time.perf_counter()
-        enc = self._encode(text)
+        if not isinstance(text, str):
+            raise UserError("the text must be a string")
+        # An empty text (an empty completion, say) has no spans; it is not an error.
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
         ids, offsets = enc.ids, enc.offsets
         spans = self.index.trace_ids(ids, min_tokens=min_tokens, max_docs=max_docs)
         covered = np.zeros(len(ids), dtype=bool)
