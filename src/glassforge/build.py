@@ -38,10 +38,10 @@ def _checkpoint_weights(folder: Path) -> list[Path]:
 
 
 def _entry(module: str, func: str) -> Callable[[Run], dict]:
-    def call(run: Run) -> dict:
+    def call(run: Run, **options) -> dict:
         import importlib
 
-        return getattr(importlib.import_module(f"glassforge.{module}"), func)(run)
+        return getattr(importlib.import_module(f"glassforge.{module}"), func)(run, **options)
 
     return call
 
@@ -94,7 +94,7 @@ def is_current(run: Run, name: str) -> bool:
     return bool(outputs) and all(p.is_file() for p in outputs) and done.get("output") == fingerprint(outputs)
 
 
-def run_stage(run: Run, name: str, enabled: bool = True) -> dict:
+def run_stage(run: Run, name: str, **options) -> dict:
     """Run one stage (the CLI's `glassforge STAGE RUN`), recording it as complete."""
     stage = STAGES[STAGE_NAMES.index(name)]
     input_hash = stage_input_hash(run, name)
@@ -104,7 +104,7 @@ def run_stage(run: Run, name: str, enabled: bool = True) -> dict:
         shutil.rmtree(folder)  # its inputs changed: old checkpoints must not be resumed
     run.forget(name)
     t = time.perf_counter()
-    result = stage.entry(run) or {}
+    result = stage.entry(run, **options) or {}
     seconds = round(time.perf_counter() - t, 2)
     run.mark_done(name, input_hash, output=fingerprint(stage.outputs(run)), seconds=seconds)
     return {"stage": name, "seconds": seconds, **result}

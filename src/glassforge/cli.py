@@ -43,7 +43,52 @@ def cmd_data(args) -> int:
 
         print(inspect(Run.open(args.run), doc=args.doc, token=args.token, step=args.step))
         return 0
-    return _stage("data")(args)
+    from glassforge.build import run_stage
+    from glassforge.runfolder import Run
+
+    run = Run.open(args.run)
+    results = [run_stage(run, "data")]
+    if (run.tokenizer / "tokenizer.json").is_file():  # shards need the tokenizer
+        results.append(run_stage(run, "shards"))
+    print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from glassforge.build import run_stage
+    from glassforge.evaluate import run_eval
+    from glassforge.runfolder import Run
+
+    run = Run.open(args.run)
+    # With --tasks this is an ad-hoc evaluation: it does not mark the build's eval stage as done.
+    result = run_eval(run, args.tasks) if args.tasks else run_stage(run, "eval")
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_release(args) -> int:
+    from glassforge.build import run_stage
+    from glassforge.runfolder import Run
+
+    result = run_stage(Run.open(args.run), "release", sign_key=Path(args.sign_key) if args.sign_key else None)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from glassforge.export import export_gguf
+    from glassforge.generate import resolve_release
+
+    print(json.dumps(export_gguf(resolve_release(args.release), Path(args.out)), indent=2, default=str))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from glassforge.generate import resolve_release
+    from glassforge.verify import verify_command
+
+    return verify_command(resolve_release(args.release), args.replay, Path(args.data) if args.data else None,
+                          Path(args.public_key) if args.public_key else None)
 
 
 def cmd_generate(args) -> int:
@@ -117,13 +162,34 @@ def make_parser() -> argparse.ArgumentParser:
                         ("shards", "tokenize the documents into memory-mapped shards"),
                         ("pretrain", "pretrain the base model (resumes; torchrun for several processes)"),
                         ("sft", "fine-tune the base model on conversations"),
-                        ("eval", "evaluate the model"),
-                        ("release", "assemble release/: weights, config, tokenizer, cards, manifest")]:
+                        ]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("run")
-        if name == "eval":
-            s.add_argument("--tasks", help="comma-separated task names (default: the recipe's)")
         s.set_defaults(func=_stage(name))
+
+    e = sub.add_parser("eval", help="evaluate the model into eval/eval.json")
+    e.add_argument("run")
+    e.add_argument("--tasks", help="comma-separated tasks: val-loss, pystdlib-docmatch, or .jsonl paths "
+                                   "(default: the recipe's)")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("release", help="assemble release/: weights, config, tokenizer, cards, manifest, attestation")
+    r.add_argument("run")
+    r.add_argument("--sign-key", help="an ed25519 private key (PEM) to sign the attestation with")
+    r.set_defaults(func=cmd_release)
+
+    x = sub.add_parser("export", help="export a release to another format (GGUF for llama.cpp)")
+    x.add_argument("release", help="a release folder or its run folder")
+    x.add_argument("--format", choices=["gguf"], default="gguf")
+    x.add_argument("--out", required=True, help="the file to write")
+    x.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("verify", help="check a release's hashes and attestation (PASS/FAIL per claim)")
+    v.add_argument("release", help="a release folder or its run folder")
+    v.add_argument("--replay", action="store_true", help="re-run training from a kept checkpoint and compare bit for bit")
+    v.add_argument("--data", metavar="RUN", help="recompute the data's Merkle roots from this run folder's documents")
+    v.add_argument("--public-key", help="the ed25519 public key (PEM) the attestation must be signed with")
+    v.set_defaults(func=cmd_verify)
 
     g = sub.add_parser("generate", help="continue a prompt with the model")
     g.add_argument("run", help="a run folder or its release/")

@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+
+from glassforge.conversations import Conversation, pystdlib_qa, read_messages_jsonl
+from glassforge.sft import Conversations, assistant_spans
+from glassforge.tokenizer import load_tokenizer
+
+
+def test_loss_only_on_assistant_tokens(random_model):
+    tok = load_tokenizer(random_model)
+    conv = Conversation([
+        {"role": "system", "content": "SYSTEM TEXT"},
+        {"role": "user", "content": "USER QUESTION"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "MORE USER"},
+        {"role": "assistant", "content": "second answer"},
+    ])
+    rows = Conversations([conv], tok, 128)
+    targets = rows.y[0][rows.y[0] != -100]
+    assert tok.decode(targets.tolist(), skip_special_tokens=False) == "first answer<|end|>second answer<|end|>"
+    # inputs are the rendered conversation, padded
+    text, _ = assistant_spans(conv.messages)
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert rows.x[0][: len(ids) - 1].tolist() == ids[:-1]
+    assert rows.target_tokens == len(targets)
+
+
+def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
+    path = tmp_path / "c.jsonl"
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path.write_text("\n".join([
+        json.dumps(good),
+        "{not json",
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),
+        json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}),
+        json.dumps(good),
+    ]) + "\n")
+    convs, report = read_messages_jsonl(path)
+    assert len(convs) == 2 and report.read == 2 and report.skipped == 3
+    assert [p.split(": ", 1)[0].rsplit(":", 1)[1] for p in report.problems] == ["2", "3", "4"]
+    assert "not JSON" in report.problems[0]
+    assert "unknown role 'wizard'" in report.problems[1]
+    assert "missing content" in report.problems[2]
+
+
+def test_pystdlib_qa_is_grounded_and_holds_out_whole_modules():
+    from glassforge import pystdlib
+
+    docs = [{"id": f"pystdlib:{d.name}", "split": "train", "text": d.text}
+            for d in pystdlib.iter_documents(["posixpath", "json", "textwrap", "string", "shlex", "glob", "heapq",
+                                              "bisect", "copy", "csv", "difflib", "fnmatch", "base64"])]
+    train, val = pystdlib_qa(docs, seed=1)
+    assert train and val
+    mods = lambda cs: {c.provenance["document"].split(":")[1].split(".")[0] for c in cs}
+    assert not mods(train) & mods(val)
+    join = [c for c in train + val if c.messages[-2]["content"] == "What does os.path.join do?"
+            or c.messages[-2]["content"] == "What does the function os.path.join do?"]
+    for c in join:
+        assert c.messages[-1]["content"].startswith("`os.path.join(a, *p)`: Join two or more pathname components")
+        assert c.provenance["document"] == "pystdlib:posixpath.join"
+    assert all(len(c.provenance["sha256"]) == 64 for c in train)
