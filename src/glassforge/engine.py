@@ -137,6 +137,98 @@ class Sequence:
         return len(self.prompt_ids) + len(self.out_ids) - 1
 
 
+class FastPath:
+    """The model's inference arithmetic with fewer, larger operations (same weights, same results).
+
+    `model.forward_cached` is general (any slots, any positions, any length); the
+    engine only ever needs two shapes, and on a CPU the per-operation overhead
+    of a small model dominates, so they get their own code:
+
+    - prefill: one whole prompt into one slot, from position 0 (plain causal
+      attention, keys written by slicing);
+    - decode: one token for each of the slots 0..S-1 (a view of the cache, no
+      gather); free slots in that range ride along as dummy rows.
+
+    Q, K and V are one matmul, gate and up another; rotary tables are computed
+    once; grouped-query attention uses `enable_gqa` instead of copying heads.
+    """
+
+    def __init__(self, model: Llama, max_len: int):
+        cfg = model.cfg
+        self.cfg = cfg
+        self.layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append((
+                layer.input_layernorm.weight.detach(),
+                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(),
+                a.o_proj.weight.detach(),
+                layer.post_attention_layernorm.weight.detach(),
+                torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(),
+                m.down_proj.weight.detach(),
+            ))
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.norm = model.model.norm.weight.detach()
+        self.head = model.lm_head.weight.detach()
+        self.dtype = self.embed.dtype
+        cos, sin = rope_tables(cfg, torch.arange(max_len))
+        self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
+        self.q_dim = cfg.n_heads * cfg.head_dim
+        self.kv_dim = cfg.n_kv_heads * cfg.head_dim
+        self.gqa = cfg.n_heads != cfg.n_kv_heads
+
+    def _norm(self, x, w):
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.cfg.norm_eps).to(x.dtype) * w
+
+    def _mlp(self, x, w_gu, w_down):
+        gate, up = F.linear(x, w_gu).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w_down)
+
+    def prefill(self, ids: list[int], cache: KVCache, slot: int, all_logits: bool) -> torch.Tensor:
+        cfg, hd = self.cfg, self.cfg.head_dim
+        T = len(ids)
+        x = F.embedding(torch.tensor(ids), self.embed)[None]  # [1, T, d]
+        cos, sin = self.cos[:T][None, None], self.sin[:T][None, None]
+        for i, (ln1, wqkv, wo, ln2, wgu, wdown) in enumerate(self.layers):
+            h = self._norm(x, ln1)
+            q, k, v = F.linear(h, wqkv).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+            q = apply_rope(q.view(1, T, cfg.n_heads, hd).transpose(1, 2), cos, sin)
+            k = apply_rope(k.view(1, T, cfg.n_kv_heads, hd).transpose(1, 2), cos, sin)
+            v = v.view(1, T, cfg.n_kv_heads, hd).transpose(1, 2)
+            cache.k[i, slot, :, :T] = k[0]
+            cache.v[i, slot, :, :T] = v[0]
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
+            x = x + F.linear(y.transpose(1, 2).reshape(1, T, -1), wo)
+            x = x + self._mlp(self._norm(x, ln2), wgu, wdown)
+        x = x[0] if all_logits else x[0, -1:]
+        return F.linear(self._norm(x, self.norm), self.head)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens, positions: [S] for slots 0..S-1; returns logits [S, V]."""
+        cfg, hd = self.cfg, self.cfg.head_dim
+        S = tokens.shape[0]
+        span = int(positions.max()) + 1
+        rows = torch.arange(S)
+        x = F.embedding(tokens, self.embed)[:, None]  # [S, 1, d]
+        cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
+        mask = None
+        if S > 1:
+            mask = (torch.arange(span)[None, :] <= positions[:, None])[:, None, None, :]
+        for i, (ln1, wqkv, wo, ln2, wgu, wdown) in enumerate(self.layers):
+            h = self._norm(x, ln1)
+            q, k, v = F.linear(h, wqkv).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+            q = apply_rope(q.view(S, 1, cfg.n_heads, hd).transpose(1, 2), cos, sin)
+            k = apply_rope(k.view(S, cfg.n_kv_heads, hd), cos[:, 0], sin[:, 0])
+            ck, cv = cache.k[i], cache.v[i]
+            ck.transpose(1, 2)[rows, positions] = k
+            cv.transpose(1, 2)[rows, positions] = v.view(S, cfg.n_kv_heads, hd)
+            y = F.scaled_dot_product_attention(q, ck[:S, :, :span], cv[:S, :, :span], attn_mask=mask,
+                                               enable_gqa=self.gqa)
+            x = x + F.linear(y.reshape(S, 1, -1), wo)
+            x = x + self._mlp(self._norm(x, ln2), wgu, wdown)
+        return F.linear(self._norm(x[:, 0], self.norm), self.head)
+
+
 class Engine:
     """Continuous-batching generation over one model; thread-safe `submit`."""
 
@@ -165,7 +257,8 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue if max_queue is not None else max(64, 8 * max_batch)
         self.cache = KVCache(self.cfg, max_batch, max_context, dtype=dtype)
-        self.free_slots = list(range(max_batch - 1, -1, -1))
+        self.fast = FastPath(self.model, max_context)
+        self.free_slots = list(range(max_batch - 1, -1, -1))  # popped from the end: lowest first
         self.running: list[Sequence] = []
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -366,16 +459,16 @@ class Engine:
             if not group:
                 continue
             first = group[0]
+            self.free_slots.sort(reverse=True)
             for s in group:
                 s.slot = self.free_slots.pop()
             self._prefill(group)
 
     def _prefill(self, group: list[Sequence]) -> None:
         first = group[0]
-        ids = torch.tensor([first.prompt_ids])
-        T = ids.shape[1]
-        positions = torch.arange(T)[None]
-        logits = self.model.forward_cached(ids, positions, self.cache, torch.tensor([first.slot]))[0]
+        T = len(first.prompt_ids)
+        want_all = first.params.prompt_logprobs is not None
+        logits = self.fast.prefill(first.prompt_ids, self.cache, first.slot, want_all)
         for s in group[1:]:  # the other choices of the same prompt: copy the cache rows
             self.cache.k[:, s.slot, :, :T] = self.cache.k[:, first.slot, :, :T]
             self.cache.v[:, s.slot, :, :T] = self.cache.v[:, first.slot, :, :T]
@@ -409,10 +502,15 @@ class Engine:
     def _step(self) -> None:
         batch = self.running
         t0 = time.perf_counter()
-        idx = torch.tensor([[s.out_ids[-1]] for s in batch])
-        positions = torch.tensor([[s.position] for s in batch])
-        slots = torch.tensor([s.slot for s in batch])
-        logits = self.model.forward_cached(idx, positions, self.cache, slots)[:, -1]
+        S = max(s.slot for s in batch) + 1
+        tokens = [0] * S
+        positions = [0] * S
+        for s in batch:
+            tokens[s.slot] = s.out_ids[-1]
+            positions[s.slot] = s.position
+        # free slots below S ride along as dummy rows at position 0 (their cache is rewritten on admission)
+        all_logits = self.fast.decode(torch.tensor(tokens), torch.tensor(positions), self.cache)
+        logits = all_logits[torch.tensor([s.slot for s in batch])]
         self.decode_time += time.perf_counter() - t0
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(batch)
