@@ -17,7 +17,17 @@ temporary name and renamed into place, so a kill at any moment leaves the
 previous checkpoint intact. Training resumes from the newest complete one.
 
 Launch with `torchrun --nproc_per_node N -m glassforge pretrain RUN` for DDP
-(gloo on CPU, nccl on GPU); only rank 0 writes checkpoints and logs.
+(gloo on CPU, nccl on GPU), or FSDP2 (`fully_shard`, per layer) with
+`fsdp = true`; only rank 0 writes checkpoints and logs.
+
+Bit-identical results need the same recipe, data, software, hardware, world
+size and thread count: floating-point sums are not associative, so a change in
+how a reduction is split changes the last bits (never which data a step sees).
+`replay()` re-runs one interval between kept checkpoints and compares hashes.
+
+Speed: bf16 autocast where the hardware has it (GPUs, CPUs with AMX or
+AVX512-bf16); `torch.compile` when it pays (see `should_compile`); the loop does
+no per-token Python work: a batch is a handful of numpy slices.
 """
 
 from __future__ import annotations
@@ -118,6 +128,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+MUON_LR = 0.02  # Muon's peak learning rate; the schedule scales it like AdamW's
+
+
 def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """The nearest semi-orthogonal matrix to G, by a quintic Newton-Schulz iteration (Muon)."""
     a, b, c = 3.4445, -4.7750, 2.0315
@@ -162,7 +175,8 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
     matrices = [p for n, p in named if p.dim() >= 2]
     vectors = [p for n, p in named if p.dim() < 2]
     adam_kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-    fused = {"fused": True} if torch.cuda.is_available() or hasattr(torch, "_fused_adamw_") else {"foreach": True}
+    # Fused (one kernel for every tensor) where this torch has it, else foreach; never the per-tensor loop.
+    fused = {"fused": True} if hasattr(torch, "_fused_adamw_") else {"foreach": True}
     if cfg.optimizer == "adamw":
         groups = [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
         return [torch.optim.AdamW(groups, **adam_kw, **fused)]
@@ -171,7 +185,7 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.opt
         hidden_ids = {id(p) for p in hidden}
         rest_matrices = [p for p in matrices if id(p) not in hidden_ids]
         groups = [{"params": rest_matrices, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-        return [Muon(hidden, lr=0.02, weight_decay=cfg.weight_decay), torch.optim.AdamW(groups, **adam_kw, **fused)]
+        return [Muon(hidden, lr=MUON_LR, weight_decay=cfg.weight_decay), torch.optim.AdamW(groups, **adam_kw, **fused)]
     raise UserError(f"pretrain.optimizer: unknown '{cfg.optimizer}' (known: adamw, muon)")
 
 
@@ -197,27 +211,54 @@ def pick_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if has_cpu_bf16() else torch.float32
 
 
+# On CPU, inductor spends about a minute compiling a small Llama (forward and backward)
+# and then runs a step 1.5-3x faster (docs/PERFORMANCE.md): it pays once the eager run
+# would take several minutes. The estimate is from the config alone (FLOPs at a
+# conservative 0.1 TFLOP/s), so the choice, and with it the bits, is reproducible.
+COMPILE_PAYS_AFTER_S = 300.0
+CPU_EAGER_FLOPS_ESTIMATE = 1e11
+
+
+def should_compile(cfg: TrainConfig, device: torch.device, run_flops: float) -> bool:
+    """cfg.compile: true/"on", false/"off", or "auto": on GPUs always, on CPUs for long runs."""
+    choice = cfg.compile
+    if isinstance(choice, bool):
+        return choice
+    if choice in ("on", "true"):
+        return True
+    if choice in ("off", "false"):
+        return False
+    if choice != "auto":
+        raise UserError(f"compile: unknown '{choice}' (known: auto, on, off)")
+    if device.type == "cuda":
+        return True
+    return run_flops / CPU_EAGER_FLOPS_ESTIMATE > COMPILE_PAYS_AFTER_S
+
+
 _PEAK_CACHE: dict[tuple, float] = {}
 
 
 def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """This machine's matmul FLOP/s for dtype, measured once on a 2048^2 product."""
+    """This machine's matmul FLOP/s for dtype (MFU's denominator), measured once per process.
+
+    Best of a few short square products: quick enough for every run's start-up;
+    bench/train_throughput.py measures the peak more carefully for reported figures."""
     key = (device.type, dtype)
     if key not in _PEAK_CACHE:
-        n = 2048 if device.type == "cpu" else 8192
+        n = 1024 if device.type == "cpu" else 8192
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        for _ in range(2):
+        a @ b
+        best = 0.0
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
             a @ b
-        reps = 4
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        _PEAK_CACHE[key] = 2 * n ** 3 * reps / (time.perf_counter() - t)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+        _PEAK_CACHE[key] = best
     return _PEAK_CACHE[key]
 
 
@@ -228,6 +269,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    started_here: bool = False  # we initialised the process group, so we tear it down
 
     @property
     def main(self) -> bool:
@@ -235,6 +277,7 @@ class Dist:
 
 
 def init_distributed() -> tuple[Dist, torch.device]:
+    """torchrun's environment to a process group: nccl on GPUs, gloo on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -243,19 +286,58 @@ def init_distributed() -> tuple[Dist, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        backend = "nccl"
+        device, backend = torch.device("cuda", local_rank), "nccl"
     else:
-        device = torch.device("cpu")
-        backend = "gloo"
-    if not dist.is_initialized():
+        device, backend = torch.device("cpu"), "gloo"
+    started = not dist.is_initialized()
+    if started:
         dist.init_process_group(backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank), device
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, started), device
+
+
+def _all_reduce(t: torch.Tensor, dist_info: Dist) -> torch.Tensor:
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+def _barrier(dist_info: Dist) -> None:
+    if dist_info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (a collective: every rank must call it); others as they are."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return (full_tensor() if full_tensor is not None else t).detach().cpu().contiguous()
+
+
+def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor read from disk, sharded like `param` when param is an FSDP2 DTensor."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None or value.dim() == 0:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device), mesh, param.placements)
+
+
+def cpu_threads() -> int:
+    """Cores this process may use (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (macOS)
+        return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
     ckpts = []
     if (folder / "checkpoints").is_dir():
         for p in (folder / "checkpoints").iterdir():
@@ -266,13 +348,16 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 
 def _optimizer_tensors(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list]:
+    """Optimiser state as flat safetensors entries `opt{k}.{param index}.{name}` plus JSON metadata.
+
+    Every rank must call this under FSDP (whole tensors are gathered)."""
     tensors, meta = {}, []
     for k, opt in enumerate(opts):
         sd = opt.state_dict()
         for pid, state in sd["state"].items():
             for name, value in state.items():
-                t = value if torch.is_tensor(value) else torch.tensor(value)
-                tensors[f"opt{k}.{pid}.{name}"] = t.detach().contiguous().reshape(-1) if t.dim() == 0 else t.detach().contiguous()
+                t = _full(value) if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"opt{k}.{pid}.{name}"] = t.reshape(-1) if t.dim() == 0 else t
         meta.append({"param_groups": sd["param_groups"],
                      "scalars": sorted(f"{pid}.{n}" for pid, s in sd["state"].items() for n, v in s.items()
                                        if not torch.is_tensor(v) or v.dim() == 0)})
@@ -282,23 +367,28 @@ def _optimizer_tensors(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, tor
 def _load_optimizers(opts, tensors: dict[str, torch.Tensor], meta: list) -> None:
     for k, opt in enumerate(opts):
         scalars = set(meta[k]["scalars"])
+        params = [p for g in opt.param_groups for p in g["params"]]
         state: dict[int, dict] = {}
         for key, t in tensors.items():
             prefix, pid, name = key.split(".", 2)
             if prefix != f"opt{k}":
                 continue
-            state.setdefault(int(pid), {})[name] = t.reshape(()) if f"{pid}.{name}" in scalars else t
+            state.setdefault(int(pid), {})[name] = (t.reshape(()) if f"{pid}.{name}" in scalars
+                                                    else _like(t, params[int(pid)]))
         opt.load_state_dict({"state": state, "param_groups": meta[k]["param_groups"]})
 
 
 def rng_state() -> dict:
     py = random.getstate()
     np_state = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state().tolist(),
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -307,32 +397,51 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
-def save_checkpoint(folder: Path, step: int, model: Llama, opts, meta: dict) -> Path:
+def _model_tensors(model: Llama) -> dict[str, torch.Tensor]:
+    """The Hugging Face state dict, whole (gathered from FSDP shards; every rank must call it)."""
+    sd = {k: _full(v) for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def save_checkpoint(folder: Path, step: int, model: Llama, opts, meta: dict, dist_info: Dist | None = None) -> Path:
+    """Write checkpoints/step_NNNNNNN atomically; under torchrun every rank calls it, rank 0 writes."""
     from safetensors.torch import save_file
 
+    dist_info = dist_info or Dist()
     final = folder / "checkpoints" / f"step_{step:07d}"
+    weights = _model_tensors(model)
     opt_tensors, opt_meta = _optimizer_tensors(opts)
+    if dist_info.main:
+        def fill(tmp: Path):
+            save_file(weights, tmp / "model.safetensors")
+            save_file(opt_tensors, tmp / "optimizer.safetensors")
+            # trainer.json last: a folder without it is never taken for a checkpoint.
+            atomic_write_json(tmp / "trainer.json", {**meta, "step": step, "optimizers": opt_meta,
+                                                     "rng": rng_state()})
 
-    def fill(tmp: Path):
-        save_file(model.hf_state_dict(), tmp / "model.safetensors")
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        # trainer.json last: a folder without it is never taken for a checkpoint.
-        atomic_write_json(tmp / "trainer.json", {**meta, "step": step, "optimizers": opt_meta, "rng": rng_state()})
-
-    atomic_write_dir(final, fill)
+        atomic_write_dir(final, fill)
     return final
 
 
 def prune_checkpoints(folder: Path, keep_last: int, keep_every: int) -> None:
+    """Keep the newest keep_last checkpoints and every keep_every-th; clear interrupted writes."""
     ckpts = list_checkpoints(folder)
     keep = {s for s, _ in ckpts[-max(1, keep_last):]}
     if keep_every:
         keep |= {s for s, _ in ckpts if s % keep_every == 0}
     for s, p in ckpts:
         if s not in keep:
-            shutil.rmtree(p, ignore_errors=True)
+            # Rename first: a kill during rmtree must not leave a half-deleted folder that
+            # still looks like a checkpoint.
+            doomed = p.with_name(f".{p.name}.deleting")
+            os.replace(p, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     for stale in (folder / "checkpoints").glob(".step_*"):  # temp folders of an interrupted write
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -341,6 +450,25 @@ def load_weights(path: Path, model: Llama) -> None:
     from safetensors.torch import load_file
 
     model.load_hf_state_dict(load_file(path))
+
+
+def _find_resume(out: Path, recipe_hash: str, dist_info: Dist) -> dict | None:
+    """The newest checkpoint that loads: its trainer.json, weights and optimiser tensors."""
+    from safetensors.torch import load_file
+
+    for step, path in reversed(list_checkpoints(out)):
+        try:
+            meta = json.loads((path / "trainer.json").read_text())
+            state = {"step": step, "path": path, "meta": meta, "weights": load_file(path / "model.safetensors"),
+                     "optimizer": load_file(path / "optimizer.safetensors")}
+        except (OSError, ValueError) as e:  # damaged on disk (a full disk, a bad copy): try the one before
+            if dist_info.main:
+                print(f"[train] {path}: unreadable ({e}); trying an older checkpoint", flush=True)
+            continue
+        if meta.get("recipe_hash") != recipe_hash:
+            raise UserError(f"{path}: checkpoint was made with another recipe or data; remove {out} to start over")
+        return state
+    return None
 
 
 # --------------------------------------------------------------------------- the loop
@@ -359,6 +487,7 @@ class TrainResult:
 @torch.no_grad()
 def evaluate(model: Llama, data: Examples, cfg: TrainConfig, device, dtype) -> tuple[float, float]:
     """Mean loss per target token on the first eval_batches micro-batches, and bits per byte."""
+    was_training = model.training
     model.eval()
     total, count = 0.0, 0
     n = min(len(data), cfg.eval_batches * cfg.micro_batch)
@@ -368,7 +497,7 @@ def evaluate(model: Llama, data: Examples, cfg: TrainConfig, device, dtype) -> t
             _, loss = model(x.to(device), y.to(device), reduction="sum")
         total += float(loss)
         count += int((y != -100).sum())
-    model.train()
+    model.train(was_training)
     mean = total / max(1, count)
     return mean, mean / math.log(2) / data.bytes_per_token
 
@@ -377,6 +506,17 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _target_count(data: Examples, rows: np.ndarray, seq_len: int) -> int:
+    """Target tokens (not -100) in a global batch: the loss's denominator on every rank."""
+    if isinstance(data, Windows):
+        return len(rows) * seq_len
+    count = getattr(data, "target_count", None)
+    if count is not None:
+        return int(count(rows))
+    _, y = data.batch(rows)
+    return int((y != -100).sum())
 
 
 def train(
@@ -389,153 +529,215 @@ def train(
     recipe_hash: str,
     init_weights: Path | None = None,
     label: str = "train",
+    *,
+    stop_step: int | None = None,
 ) -> TrainResult:
-    """Train from scratch (or from init_weights), resuming from out/checkpoints if any."""
+    """Train from scratch (or from init_weights), resuming from out/checkpoints if any.
+
+    stop_step: stop (with a checkpoint) after this step instead of cfg.steps, the schedule
+    unchanged; `replay` uses it to re-run one interval between kept checkpoints.
+    """
+    out = Path(out)
     dist_info, device = init_distributed()
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if device.type == "cpu":
-        torch.set_num_threads(threads)
+        # Each process gets its share of the cores; oversubscription slows everyone.
+        torch.set_num_threads(cfg.threads or max(1, cpu_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     seq_len = cfg.seq_len
     global_rows = cfg.batch_tokens // seq_len
     per_rank = global_rows // dist_info.world
-    if global_rows < 1 or global_rows % dist_info.world or per_rank % min(per_rank, cfg.micro_batch):
+    micro = min(per_rank, cfg.micro_batch)
+    if (global_rows < 1 or cfg.batch_tokens % seq_len or global_rows % dist_info.world or per_rank < 1
+            or per_rank % micro):
         raise UserError(f"{label}.batch_tokens={cfg.batch_tokens} must be a multiple of seq_len ({seq_len}) x "
                         f"world size ({dist_info.world}) x micro_batch ({cfg.micro_batch})")
-    micro = min(per_rank, cfg.micro_batch)
+    last_step = cfg.steps if stop_step is None else min(stop_step, cfg.steps)
     dtype = pick_dtype(cfg, device)
+    if cfg.fsdp and cfg.optimizer == "muon":
+        raise UserError(f"{label}: optimizer = \"muon\" needs whole matrices; it does not combine with fsdp = true")
 
+    # The initial weights are a function of the seed alone (or come from init_weights).
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     model = Llama(model_cfg)
-    if init_weights is not None:
+    resume = _find_resume(out, recipe_hash, dist_info)
+    if resume is not None:
+        model.load_hf_state_dict(resume["weights"])
+    elif init_weights is not None:
         load_weights(init_weights, model)
     model.to(device)
+    train_model: torch.nn.Module = model
+    if dist_info.world > 1 and cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:  # one all-gather per layer, freed after use
+            fully_shard(layer)
+        fully_shard(model)
     opts = build_optimizers(model, cfg)
+    start_step, resumed = 0, None
+    if resume is not None:
+        _load_optimizers(opts, resume["optimizer"], resume["meta"]["optimizers"])
+        set_rng_state(resume["meta"]["rng"])
+        start_step, resumed = resume["step"], resume["meta"]
+        del resume
+    if dist_info.world > 1 and not cfg.fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-    start_step = 0
-    ckpts = list_checkpoints(out)
-    if ckpts:
-        step, path = ckpts[-1]
-        meta = json.loads((path / "trainer.json").read_text())
-        if meta.get("recipe_hash") != recipe_hash:
-            raise UserError(f"{path}: checkpoint was made with another recipe; remove {out} to start over")
-        from safetensors.torch import load_file
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    flops_tok = flops_per_token(model_cfg, seq_len)
+    tokens_per_step = global_rows * seq_len
+    compiled = should_compile(cfg, device, flops_tok * tokens_per_step * (last_step - start_step))
+    step_fn = torch.compile(train_model) if compiled else train_model
 
-        load_weights(path / "model.safetensors", model)
-        _load_optimizers(opts, load_file(path / "optimizer.safetensors"), meta["optimizers"])
-        set_rng_state(meta["rng"])
-        start_step = step
     metrics_path = out / "metrics.jsonl"
     if dist_info.main:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, start_step)
-
-    train_model: torch.nn.Module = model
-    if dist_info.world > 1:
-        if cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.model.layers:
-                fully_shard(layer)
-            train_model = fully_shard(model)
-        else:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_fn = train_model
-    if cfg.compile:
-        step_fn = torch.compile(train_model)
-
     order = DataOrder(len(train_set), global_rows, seed)
-    flops_tok = flops_per_token(model_cfg, seq_len)
     peak = measured_peak_flops(device, dtype) * dist_info.world
-    tokens_per_step = global_rows * seq_len
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=label, unit="step", disable=not dist_info.main,
+    env = {"world_size": dist_info.world, "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."),
+           "compile": compiled, "torch": torch.__version__, "device": device.type}
+    bar = tqdm(total=last_step, initial=start_step, desc=label, unit="step", disable=not dist_info.main,
                dynamic_ncols=True)
     t_start = time.perf_counter()
-    loss_value, val_loss, val_bpb = float("nan"), None, None
-    last_ckpt = ckpts[-1][1] if ckpts else None
+    loss_value = float(resumed["loss"]) if resumed and "loss" in resumed else float("nan")
+    val_loss, val_bpb = None, None
+    last_ckpt = out / "checkpoints" / f"step_{start_step:07d}" if resumed else None
     model.train()
     metrics_file = open(metrics_path, "a", encoding="utf-8") if dist_info.main else None
     try:
-        for step in range(start_step, cfg.steps):
+        for step in range(start_step, last_step):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for opt in opts:
+                scale = MUON_LR / cfg.lr if isinstance(opt, Muon) else 1.0  # Muon follows the same schedule
                 for g in opt.param_groups:
-                    g["lr"] = lr if isinstance(opt, torch.optim.AdamW) else 0.02 * lr / cfg.lr
+                    g["lr"] = lr * scale
             rows = order.global_batch(step)
-            _, y_all = train_set.batch(rows) if not isinstance(train_set, Windows) else (None, None)
-            n_targets = int((y_all != -100).sum()) if y_all is not None else len(rows) * seq_len
+            n_targets = max(1, _target_count(train_set, rows, seq_len))
             mine = rows[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
-            loss_sum = torch.zeros((), device=device)
             chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+            loss_sum = torch.zeros((), device=device)
             for i, chunk in enumerate(chunks):
                 x, y = train_set.batch(chunk)
+                last_micro = i == len(chunks) - 1
                 sync = nullcontext()
-                if dist_info.world > 1 and not cfg.fsdp and i < len(chunks) - 1:
-                    sync = train_model.no_sync()
-                with sync, autocast(device, dtype):
-                    _, loss = step_fn(x.to(device), y.to(device), reduction="sum")
-                    scaled = loss * (dist_info.world / n_targets)
-                scaled.backward()
+                if dist_info.world > 1 and not last_micro:  # reduce gradients once, after the last micro-batch
+                    if cfg.fsdp:
+                        model.set_requires_gradient_sync(False)
+                    else:
+                        sync = train_model.no_sync()
+                elif dist_info.world > 1 and cfg.fsdp:
+                    model.set_requires_gradient_sync(True)
+                with sync:
+                    with autocast(device, dtype):
+                        _, loss = step_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                          reduction="sum")
+                    # Sum over the global batch / its target count; x world undoes the ranks' average.
+                    (loss * (dist_info.world / n_targets)).backward()
                 loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             for opt in opts:
                 opt.step()
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
-            if dist_info.world > 1:
-                import torch.distributed as dist
-
-                dist.all_reduce(loss_sum)
-            loss_value = float(loss_sum) / n_targets
+            loss_value = float(_all_reduce(loss_sum, dist_info)) / n_targets
             if not math.isfinite(loss_value):
                 raise RuntimeError(f"{label}: loss became {loss_value} at step {step + 1}; lower the learning rate")
             dt = time.perf_counter() - t0
             tok_s = tokens_per_step / dt
             mfu = tok_s * flops_tok / peak
             done = step + 1
-            record = {"step": done, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
+            record = {"step": done, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(float(_full(grad_norm)), 6),
                       "tokens": done * tokens_per_step, "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
             if val_set is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
                 val_loss, val_bpb = evaluate(model, val_set, cfg, device, dtype)
                 record.update(val_loss=round(val_loss, 6), val_bpb=round(val_bpb, 6))
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
             bar.update(1)
-            if dist_info.main:
+            if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if done % cfg.checkpoint_every == 0 or done == last_step:
+                if metrics_file:
+                    os.fsync(metrics_file.fileno())  # the log is never behind the checkpoint it describes
+                last_ckpt = save_checkpoint(out, done, model, opts, {
+                    "recipe_hash": recipe_hash, "seed": seed, "label": label,
+                    "data_cursor": {"step": done, "examples": done * global_rows},
+                    "tokens": done * tokens_per_step, "loss": loss_value, "env": env}, dist_info)
                 if dist_info.main:
-                    metrics_file.flush()
-                    os.fsync(metrics_file.fileno())
-                    last_ckpt = save_checkpoint(out, done, model, opts, {
-                        "recipe_hash": recipe_hash, "seed": seed, "data_cursor": {"step": done, "examples": done * global_rows},
-                        "tokens": done * tokens_per_step, "loss": loss_value})
                     prune_checkpoints(out, cfg.keep_last, cfg.keep_every)
-                if dist_info.world > 1:
-                    import torch.distributed as dist
-
-                    dist.barrier()
+                _barrier(dist_info)
     finally:
         bar.close()
         if metrics_file:
             metrics_file.close()
     if last_ckpt is None:
         last_ckpt = list_checkpoints(out)[-1][1]
-    if dist_info.main:
+    if dist_info.main and stop_step is None:
         plot_metrics(metrics_path, out / "loss.png", title=label)
-    return TrainResult(cfg.steps, cfg.steps * tokens_per_step, loss_value, val_loss, val_bpb,
+    if dist_info.started_here:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return TrainResult(last_step, last_step * tokens_per_step, loss_value, val_loss, val_bpb,
                        time.perf_counter() - t_start, last_ckpt)
 
 
+# --------------------------------------------------------------------------- replay
+
+def replay(out: Path, model_cfg: ModelConfig, train_set: Examples, cfg: TrainConfig, seed: int,
+           recipe_hash: str, from_step: int, to_step: int, init_weights: Path | None = None,
+           workdir: Path | None = None) -> dict:
+    """Re-run steps from_step..to_step of the training in `out` and compare with its kept checkpoint.
+
+    Starts from out/checkpoints/step_{from_step} (from_step 0: from the seed's initial weights,
+    or init_weights for fine-tuning), trains to to_step in a scratch folder with the same
+    schedule, and returns {"from_step", "to_step", "model_sha256", "optimizer_sha256",
+    "expected_model_sha256", "expected_optimizer_sha256", "match"}; the expected values are
+    None where `out` kept no checkpoint at to_step. Bit-identical on the same hardware, software,
+    world size and thread count.
+    """
+    import tempfile
+
+    from glassforge.runfolder import sha256_file
+
+    kept = dict(list_checkpoints(Path(out)))
+    if from_step and from_step not in kept:
+        raise UserError(f"{out}: no checkpoint at step {from_step} (kept: {sorted(kept) or 'none'})")
+    if not from_step < to_step <= cfg.steps:
+        raise UserError(f"replay: need 0 <= from_step < to_step <= steps ({cfg.steps}); got {from_step}, {to_step}")
+    with tempfile.TemporaryDirectory(prefix="glassforge-replay-", dir=workdir) as tmp_name:
+        tmp = Path(tmp_name)
+        if from_step:
+            shutil.copytree(kept[from_step], tmp / "checkpoints" / kept[from_step].name)
+        result = train(model_cfg, train_set, None, cfg, tmp, seed, recipe_hash,
+                       init_weights=None if from_step else init_weights, label="replay", stop_step=to_step)
+        got = {name: sha256_file(result.checkpoint / f"{name}.safetensors") for name in ("model", "optimizer")}
+    want = {name: sha256_file(kept[to_step] / f"{name}.safetensors") if to_step in kept else None
+            for name in ("model", "optimizer")}
+    return {"from_step": from_step, "to_step": to_step,
+            "model_sha256": got["model"], "optimizer_sha256": got["optimizer"],
+            "expected_model_sha256": want["model"], "expected_optimizer_sha256": want["optimizer"],
+            "match": want["model"] is not None and got == want}
+
+
+# --------------------------------------------------------------------------- logs
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint we resume from: they will be written again."""
+    """Drop log lines past the checkpoint we resume from (they will be written again),
+    and a last line cut short by a kill."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
     with AtomicFile(path, "w") as f:
         f.write("".join(line + "\n" for line in kept))
 
@@ -543,7 +745,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return rows
 
 
 def plot_metrics(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:

@@ -1,0 +1,161 @@
+"""Training throughput: glassforge's Llama against Hugging Face `LlamaForCausalLM`.
+
+For each width (d_model 256, 512, 768 by default) both models get the same
+shape, batch, precision (bf16 autocast where the hardware has it) and
+optimiser (AdamW, decay on matrices only, the trainer's `build_optimizers`),
+and run full training steps: forward, loss, backward, clipping, optimiser
+step. We report steady-state tokens/s and MFU, where MFU is measured against
+this machine's bf16 matmul peak, which this script measures itself on a large
+square product (best of several tries, so a busy neighbour lowers MFU's
+denominator less than it lowers the numerator).
+
+glassforge runs as the trainer runs it (torch.compile per `--compile`);
+HF runs eager, the way `Trainer` runs it by default. Compile time is reported
+separately: it is paid once per run and counts on short runs.
+
+    flock /tmp/gf-cpu.lock .venv/bin/python bench/train_throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from glassforge.model import Llama, ModelConfig, flops_per_token
+from glassforge.recipe import TrainConfig
+from glassforge.train import autocast, build_optimizers, pick_dtype
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, tries: int = 5, reps: int = 4) -> float:
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(tries):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+    return best
+
+
+def hf_model(cfg: ModelConfig):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(**{k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type",
+                                                                          "torch_dtype")})
+    hf_cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(hf_cfg)
+
+
+def make_step(model, forward, opts, x, y, dtype, clip=1.0):
+    device = torch.device("cpu")
+
+    def step():
+        with autocast(device, dtype):
+            loss = forward(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="256,512,768")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6, help="timed rounds: one step of each model per round (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--compile", default="on", choices=["on", "off", "both"],
+                   help="glassforge with torch.compile, without, or both")
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    tcfg = TrainConfig(dtype=args.dtype)
+    dtype = pick_dtype(tcfg, torch.device("cpu"))
+    peak = matmul_peak(dtype)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {dtype}; "
+          f"measured matmul peak {peak / 1e12:.3f} TFLOP/s", flush=True)
+    rows = []
+    for d in [int(s) for s in args.sizes.split(",")]:
+        cfg = ModelConfig(vocab_size=args.vocab, d_model=d, n_layers=args.layers, n_heads=d // 64,
+                          n_kv_heads=d // 64, max_seq_len=args.seq, tie_embeddings=False)
+        x = torch.randint(0, args.vocab, (args.batch, args.seq))
+        y = torch.randint(0, args.vocab, (args.batch, args.seq))
+        flops_tok = flops_per_token(cfg, args.seq)
+        tokens = args.batch * args.seq
+        variants = []
+        if not args.no_hf:
+            variants.append(("HF LlamaForCausalLM", "hf", False))
+        if args.compile in ("off", "both"):
+            variants.append(("glassforge eager", "gf", False))
+        if args.compile in ("on", "both"):
+            variants.append(("glassforge compiled", "gf", True))
+        runners = []
+        for name, kind, compiled in variants:
+            torch.manual_seed(0)
+            if kind == "hf":
+                model = hf_model(cfg).train()
+
+                def forward(x, y, model=model):
+                    return model(input_ids=x, labels=y, shift_labels=y).loss
+            else:
+                model = Llama(cfg).train()
+                fwd = torch.compile(model) if compiled else model
+
+                def forward(x, y, fwd=fwd):
+                    return fwd(x, y)[1]
+            opts = build_optimizers(model, tcfg)
+            step = make_step(model, forward, opts, x, y, dtype)
+            t = time.perf_counter()
+            for _ in range(args.warmup):
+                step()
+            runners.append((name, model, step, time.perf_counter() - t, []))
+        # Round robin, one step of each model per round, with a peak measurement
+        # in every round: a neighbour's load then slows every contender alike.
+        for _ in range(args.steps):
+            peak = max(peak, matmul_peak(dtype, tries=1))
+            for name, model, step, _, times in runners:
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+        for name, model, step, warm, times in runners:
+            tok_s = tokens / statistics.median(times)
+            row = {"d_model": d, "model": name, "params": sum(p.numel() for p in model.parameters()),
+                   "tokens_per_s": round(tok_s, 1), "flops_per_token": flops_tok, "mfu": round(tok_s * flops_tok / peak, 4),
+                   "warmup_s": round(warm, 1), "step_s": [round(t, 3) for t in times]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del runners
+    for r in rows:  # against the best peak seen in the whole run: the conservative MFU
+        r["mfu"] = round(r["tokens_per_s"] * r["flops_per_token"] / peak, 4)
+    print(f"\n| d_model | model | params | tokens/s | MFU | warm-up s ({args.warmup} steps) | vs HF |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        hf = next((h for h in rows if h["d_model"] == r["d_model"] and h["model"].startswith("HF")), None)
+        ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
+        print(f"| {r['d_model']} | {r['model']} | {r['params'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | "
+              f"{r['mfu']:.1%} | {r['warmup_s']} | {ratio} |")
+    print(f"\nshape: {args.layers} layers, head_dim 64, vocab {args.vocab}, untied; batch {args.batch} x "
+          f"seq {args.seq}; peak {peak / 1e12:.3f} TFLOP/s ({dtype})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"peak_flops": peak, "args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
