@@ -211,6 +211,8 @@ def real_release(arg: str | None, workdir: Path) -> tuple[Path, str]:
     from glassforge.recipe import builtin_recipes, dump_recipe, load_recipe
     from glassforge.runfolder import Run, atomic_write_text
 
+    if arg and not Path(arg).is_dir() and ("/" in arg or arg.endswith(".toml")) and not Path(arg).is_file():
+        raise SystemExit(f"{arg}: no such folder")
     if arg and Path(arg).is_dir():
         path = Path(arg)
         for cand in (path, path / "release"):

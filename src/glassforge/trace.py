@@ -251,6 +251,11 @@ class TraceIndex:
         self._sa_mm = _map(self.dir / "sa.bin")
         # Scalar reads of the suffix array in the search loop: a memoryview index is ~50 ns.
         self._sa_u32 = memoryview(self._sa_mm).cast("I") if self.sa_bytes == 4 and sys.byteorder == "little" else None
+        self._sa_arr = np.frombuffer(self._sa_mm, dtype="<u4") if self.sa_bytes == 4 else None
+        self._sa_u8 = np.frombuffer(self._sa_mm, dtype=np.uint8)
+        # Tokens after the first that a search compares at once as one integer: 3 x 17 bits for
+        # uint16 tokens, 1 x 33 bits for uint32 (a token t packs as t + 1; 0 is "past the end").
+        self._c, self._bits = (3, 17) if self.w == 2 else (1, 33)
         self.buckets = np.load(self.dir / "buckets.npy", allow_pickle=False)
         self._bucket_list: list[int] = self.buckets.tolist()
         self.doc_offsets = np.load(self.dir / "doc_offsets.npy", mmap_mode="r", allow_pickle=False)
@@ -334,12 +339,16 @@ class TraceIndex:
         return hi - lo
 
     def _lcp_tokens(self, key: bytes, p: int) -> int:
-        """Whole tokens in common between key and the stream from token p (binary search of memcmps)."""
+        """Whole tokens in common between key and the stream from token p (by memcmps of prefixes)."""
         w = self.w
         s = self._tok_mm[p * w:p * w + len(key)]
         if s == key:
             return len(key) // w
-        lo, hi = 0, min(len(s), len(key)) // w
+        # Gallop (1, 2, 4, ... tokens: most mismatches come early), then bisect the last gap.
+        lo, hi, k = 0, min(len(s), len(key)) // w, 1
+        while k <= hi and key[:k * w] == s[:k * w]:
+            lo, k = k, k * 2
+        hi = min(hi, k - 1)
         while lo < hi:
             mid = (lo + hi + 1) >> 1
             if key[:mid * w] == s[:mid * w]:
@@ -348,36 +357,96 @@ class TraceIndex:
                 hi = mid - 1
         return lo
 
+    def _sa_take(self, idx: np.ndarray) -> np.ndarray:
+        """Suffix-array entries at the indices idx (int64), vectorised."""
+        if self._sa_arr is not None:
+            return self._sa_arr[idx].astype(np.int64)
+        b = self.sa_bytes
+        raw = self._sa_u8[(idx * b)[:, None] + np.arange(b)].astype(np.int64)
+        return (raw << (8 * np.arange(b))).sum(axis=1)
+
+    def _chunk(self, pos: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The CHUNK tokens of the stream from each pos, as (code, values): value t+1, 0 past the
+        stream end or past r tokens; the code packs them so that integer order is token order."""
+        c, bits = self._c, self._bits
+        j = np.arange(c)
+        idx = pos[:, None] + j
+        inside = (idx < self.n) & (j < r[:, None])
+        vals = np.where(inside, self.tokens[np.minimum(idx, self.n - 1)].astype(np.int64) + 1, 0)
+        return (vals << (bits * (c - 1 - j))).sum(axis=1), vals
+
+    def _vec_bounds(self, lo: np.ndarray, hi: np.ndarray, qcode: np.ndarray,
+                    r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per query: the lower and upper bound of its chunk code among the suffixes in [lo, hi),
+        comparing the chunk after each suffix's first token. All queries bisect together."""
+        m = len(lo)
+        lo2, hi2 = np.concatenate([lo, lo]), np.concatenate([hi, hi])
+        q2, r2, upper = np.concatenate([qcode, qcode]), np.concatenate([r, r]), np.arange(2 * m) >= m
+        while True:
+            a = np.flatnonzero(lo2 < hi2)
+            if a.size == 0:
+                return lo2[:m], lo2[m:]
+            mid = (lo2[a] + hi2[a]) >> 1
+            code, _ = self._chunk(self._sa_take(mid) + 1, r2[a])
+            right = np.where(upper[a], code <= q2[a], code < q2[a])
+            lo2[a] = np.where(right, mid + 1, lo2[a])
+            hi2[a] = np.where(right, hi2[a], mid)
+
     def longest_matches(self, ids: Sequence[int]) -> list[int]:
-        """For each start i, the largest L with ids[i:i+L] in the stream (no span crosses <|endoftext|>)."""
-        ids = list(ids)
-        out = [0] * len(ids)
-        limit = len(self._bucket_list) - 1
-        start = 0
-        while start < len(ids):
-            # A segment: a run of tokens that can occur inside one document.
-            end = start
-            while end < len(ids) and ids[end] != self.eot_id and 0 <= ids[end] < limit:
-                end += 1
-            if end > start:
-                seg_key = self.key(ids[start:end])
-                for i in range(start, end):
-                    lo, hi = self._bucket(ids[i])
-                    if lo == hi:
-                        continue
-                    key = seg_key[(i - start) * self.w:]
-                    if len(key) == self.w:
-                        out[i] = 1
-                        continue
-                    j = self._bound(key, lo, hi, upper=False)
-                    best = 1
-                    if j < hi:
-                        best = max(best, self._lcp_tokens(key, self.sa_at(j)))
-                    if j > lo:
-                        best = max(best, self._lcp_tokens(key, self.sa_at(j - 1)))
-                    out[i] = best
-            start = end + 1
-        return out
+        """For each start i, the largest L with ids[i:i+L] in the stream (no span crosses <|endoftext|>).
+
+        Two phases: every start bisects its first 1 + CHUNK tokens at once (numpy, one pass for the
+        whole query); only starts whose first 1 + CHUNK tokens occur then bisect their full key,
+        inside that already narrow range, by memcmp.
+        """
+        q = np.asarray(list(ids), dtype=np.int64)
+        n, c, w = len(q), self._c, self.w
+        out = np.zeros(n, dtype=np.int64)
+        if n == 0:
+            return []
+        ok = (q >= 0) & (q < len(self.buckets) - 1) & (q != self.eot_id)
+        bad = np.flatnonzero(~ok)
+        seg_end = np.append(bad, n)[np.searchsorted(bad, np.arange(n))]  # first stop at or after i
+        qs = np.where(ok, q, 0)
+        lo_all, hi_all = self.buckets[qs], self.buckets[qs + 1]
+        starts = np.flatnonzero(ok & (hi_all > lo_all))
+        if starts.size == 0:
+            return out.tolist()
+        lo, hi = lo_all[starts], hi_all[starts]
+        r = np.minimum(c, seg_end[starts] - starts - 1)
+        qpad = np.append(qs, np.zeros(c, dtype=np.int64))
+        j = np.arange(c)
+        qvals = np.where(j < r[:, None], qpad[starts[:, None] + 1 + j] + 1, 0)
+        qcode = (qvals << (self._bits * (c - 1 - j))).sum(axis=1)
+        lb, ub = self._vec_bounds(lo, hi, qcode, r)
+        found = ub > lb
+        res = np.where(found, 1 + r, 1)
+        # Not found: no suffix starts with the first 1 + r tokens, so the bound is also the full
+        # key's, and the longest match is with one of its two neighbours (inside the bucket).
+        nf = np.flatnonzero(~found)
+        for nb, inside in ((lb[nf], lb[nf] < hi[nf]), (lb[nf] - 1, lb[nf] > lo[nf])):
+            k = nf[inside]
+            if k.size:
+                _, svals = self._chunk(self._sa_take(nb[inside]) + 1, r[k])
+                eq = (svals == qvals[k]) & (j < r[k][:, None])
+                res[k] = np.maximum(res[k], 1 + np.cumprod(eq, axis=1).sum(axis=1))
+        # Found, with more of the segment left: bisect the full key in [lb, ub) by memcmp.
+        deep = np.flatnonzero(found & (r == c) & (seg_end[starts] - starts > 1 + c))
+        if deep.size:
+            qbytes = qs.astype(self.tokens.dtype).tobytes()
+            for k in deep.tolist():
+                i = int(starts[k])
+                key = qbytes[i * w:int(seg_end[i]) * w]
+                a, b = int(lb[k]), int(ub[k])
+                pos = self._bound(key, a, b, upper=False)
+                best = 1 + c
+                if pos < b:
+                    best = max(best, self._lcp_tokens(key, self.sa_at(pos)))
+                if pos > a:
+                    best = max(best, self._lcp_tokens(key, self.sa_at(pos - 1)))
+                res[k] = best
+        out[starts] = res
+        return out.tolist()
 
     def maximal_spans(self, ids: Sequence[int], min_tokens: int = 1) -> list[tuple[int, int]]:
         """Token ranges [i, j) of ids that occur in the stream and cannot be extended either way."""
