@@ -434,3 +434,37 @@ def test_trace(client, live, tmp_path):
     assert r.status_code == 404 and r.json()["error"]["code"] == "trace_unavailable"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=live.model, prompt="x", max_tokens=1, extra_body={"trace": True})
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions(live, tmp_path):
+    """lm-evaluation-harness local-completions: a multiple-choice and a generate_until task, offline."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from lm_eval_server import run_lm_eval
+
+    res = run_lm_eval(live.root, live.model, live.engine.max_context, live.engine, tmp_path)
+    assert res["problems"] == []
+    assert res["n_samples"] == {"gf_mc": 6, "gf_gen": 4}
+    assert 0 <= res["results"]["gf_mc"]["acc,none"] <= 1
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_errors(live):
+    """Property-based requests generated from /openapi.json never get a 5xx."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
+    if not Path(exe).exists():
+        pytest.skip("schemathesis is not installed")
+    r = subprocess.run([exe, "run", f"{live.root}/openapi.json", "--checks", "not_a_server_error",
+                        "--max-examples", "25", "--phases", "coverage,fuzzing", "--seed", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]

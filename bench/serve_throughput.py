@@ -1,0 +1,290 @@
+"""Serving throughput: glassforge's server against HF transformers and llama.cpp, same weights, same run.
+
+    flock /tmp/gf-cpu.lock .venv/bin/python bench/serve_throughput.py [RELEASE] [--tokens 128]
+        [--concurrency 1,4,16,32] [--gguf FILE] [--no-hf] [--no-llamacpp]
+
+RELEASE is a run folder or release/ folder; without one, a random-weight model
+with the `default` recipe's shape (d_model 256, 6 layers, 8 heads, 4 KV heads,
+8192-token vocabulary) is made in a temporary folder: throughput does not
+depend on what the weights learned.
+
+Measured, all greedy with end-of-text ignored so every stream makes exactly
+--tokens tokens:
+
+- glassforge server: `glassforge serve` in a subprocess (--max-batch 32),
+  driven over loopback by streaming /v1/completions clients. Single-stream
+  decode rate = (tokens - 1) / (time of last token - time of first token),
+  which leaves out the prompt's prefill. Aggregate rate at N concurrent
+  streams = all tokens / wall time of the N requests.
+- glassforge engine in-process (no HTTP), single stream, for reference.
+- HF transformers `generate()` on the same safetensors, single stream, decode
+  rate measured the same way (time of N tokens minus time of 1 token).
+- llama.cpp through llama-cpp-python on the same weights exported to GGUF
+  (`glassforge.export.export_gguf`, f32), n_threads = torch's thread count;
+  skipped with a message when llama_cpp or the export is unavailable.
+
+Prints a table and the ratios the serving targets are stated in, and one JSON
+line (for docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "import json\n\n\ndef load_config(path):\n    \"\"\"Read a JSON configuration file.\"\"\"\n"
+
+
+def make_random_release(folder: Path) -> Path:
+    """A release-layout folder with random weights in the default recipe's shape."""
+    import torch
+    from safetensors.torch import save_file
+
+    from glassforge import pystdlib
+    from glassforge.model import Llama, ModelConfig
+    from glassforge.release import write_model_folder
+    from glassforge.tokenizer import train_tokenizer, write_tokenizer_files
+
+    texts = [d.text for d in pystdlib.iter_documents(["json", "textwrap", "string", "csv", "difflib"])]
+    tok = train_tokenizer(texts, 8192)
+    tok_dir = folder / "_tokenizer"
+    write_tokenizer_files(tok_dir, tok)
+    cfg = ModelConfig(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=512)
+    torch.manual_seed(0)
+    save_file(Llama(cfg).hf_state_dict(), tok_dir / "weights.safetensors")
+    release = folder / "release"
+    release.mkdir(parents=True)
+    write_model_folder(release, cfg, tok_dir / "weights.safetensors", tok_dir)
+    return release
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def stream_once(client, url: str, prompt_ids: list[int], tokens: int) -> tuple[int, float, float, float]:
+    """One streaming completion: (tokens, start, first token time, last token time)."""
+    body = {"prompt": prompt_ids, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "logprobs": 0}
+    start = time.perf_counter()
+    first = last = None
+    n = 0
+    async with client.stream("POST", url, json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                raise RuntimeError(obj["error"])
+            for c in obj["choices"]:
+                got = len((c.get("logprobs") or {}).get("tokens") or [])
+                if got:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    n += got
+    return n, start, first, last
+
+
+async def server_runs(base: str, prompt_ids: list[int], tokens: int, levels: list[int]) -> dict:
+    import httpx
+
+    url = f"{base}/v1/completions"
+    out = {}
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) + 4)) as client:
+        await stream_once(client, url, prompt_ids, 8)  # warm up
+        n, start, first, last = await stream_once(client, url, prompt_ids, tokens)
+        out["single_decode_tps"] = (n - 1) / (last - first)
+        for c in levels:
+            t0 = time.perf_counter()
+            res = await asyncio.gather(*(stream_once(client, url, prompt_ids, tokens) for _ in range(c)))
+            wall = time.perf_counter() - t0
+            total = sum(r[0] for r in res)
+            assert total == c * tokens, (total, c * tokens)
+            out[f"aggregate_tps_{c}"] = total / wall
+    return out
+
+
+def bench_server(release: Path, prompt_ids: list[int], tokens: int, levels: list[int]) -> dict:
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "glassforge", "serve", str(release), "--port", str(port),
+                             "--max-batch", str(max(levels))], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.2)
+        return asyncio.run(server_runs(base, prompt_ids, tokens, levels))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def bench_engine(release: Path, prompt_ids: list[int], tokens: int) -> float:
+    import queue
+
+    from glassforge.engine import Engine, SamplingParams
+
+    engine = Engine(release, max_batch=1)
+    try:
+        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+        engine.generate(prompt_ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        times = []
+
+        def sink(ev):
+            times.append((time.perf_counter(), ev.completion_tokens))
+            q.put(ev)
+
+        engine.submit([(0, prompt_ids, params)], sink)
+        while not q.get().finish_reason:
+            pass
+        (t_first, n_first), (t_last, n_last) = times[0], times[-1]
+        return (n_last - n_first) / (t_last - t_first)
+    finally:
+        engine.close()
+
+
+def bench_hf(release: Path, prompt_ids: list[int], tokens: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(release, dtype=torch.float32).eval()
+    x = torch.tensor([prompt_ids])
+
+    def timed(n: int) -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=model.config.pad_token_id)
+        assert out.shape[1] - x.shape[1] == n
+        return time.perf_counter() - t
+
+    timed(4)
+    t1 = min(timed(1) for _ in range(3))
+    tn = timed(tokens)
+    return (tokens - 1) / (tn - t1)
+
+
+def bench_llamacpp(release: Path, gguf: Path | None, prompt_ids: list[int], tokens: int, tmp: Path):
+    try:
+        from llama_cpp import Llama as LlamaCpp
+    except ImportError:
+        return None, "llama-cpp-python is not installed (.venv/bin/pip install -c constraints.txt llama-cpp-python)"
+    if gguf is None:
+        try:
+            from glassforge.export import export_gguf
+        except ImportError:
+            return None, "glassforge.export is not available: no GGUF export to load"
+        gguf = Path(export_gguf(release, tmp / "model.gguf")["gguf"])
+    import torch
+
+    from glassforge.tokenizer import END, ENDOFTEXT, load_tokenizer
+
+    tok = load_tokenizer(release)
+    bias = {tok.token_to_id(END): -1e9, tok.token_to_id(ENDOFTEXT): -1e9}
+    llm = LlamaCpp(model_path=str(gguf), n_ctx=512, n_threads=torch.get_num_threads(), n_batch=512, verbose=False,
+                   logits_all=False)
+
+    def run(n: int) -> tuple[int, float, float]:
+        first = last = None
+        count = 0
+        for _ in llm.create_completion(prompt_ids, max_tokens=n, temperature=0.0, top_k=1, stream=True,
+                                       logit_bias=bias):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            count += 1
+        return count, first, last
+
+    run(8)
+    count, first, last = run(tokens)
+    if count < tokens:
+        return None, f"llama.cpp made {count} of {tokens} tokens"
+    return (count - 1) / (last - first), None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("release", nargs="?", type=Path)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--concurrency", default="1,4,16,32")
+    p.add_argument("--gguf", type=Path)
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--no-llamacpp", action="store_true")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    levels = [int(x) for x in args.concurrency.split(",")]
+
+    import torch
+
+    from glassforge.generate import resolve_release
+    from glassforge.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        release = resolve_release(args.release) if args.release else make_random_release(tmp)
+        prompt_ids = load_tokenizer(release).encode(PROMPT, add_special_tokens=False).ids
+        res: dict = {"release": str(args.release or "random weights, default-recipe shape"),
+                     "tokens": args.tokens, "prompt_tokens": len(prompt_ids), "torch_threads": torch.get_num_threads()}
+        res["engine_single_decode_tps"] = bench_engine(release, prompt_ids, args.tokens)
+        res.update(bench_server(release, prompt_ids, args.tokens, levels))
+        if not args.no_hf:
+            res["hf_single_decode_tps"] = bench_hf(release, prompt_ids, args.tokens)
+        if not args.no_llamacpp:
+            tps, why = bench_llamacpp(release, args.gguf, prompt_ids, args.tokens, tmp)
+            if tps is None:
+                print(f"llama.cpp skipped: {why}", file=sys.stderr)
+                res["llamacpp_skipped"] = why
+            else:
+                res["llamacpp_single_decode_tps"] = tps
+
+    single = res["single_decode_tps"]
+    print(f"{'measure':44s} {'tokens/s':>10s}")
+    rows = [("glassforge engine, 1 stream (in-process)", res["engine_single_decode_tps"]),
+            ("glassforge server, 1 stream (decode)", single)]
+    rows += [(f"glassforge server, {c} streams (aggregate)", res[f"aggregate_tps_{c}"]) for c in levels]
+    if "hf_single_decode_tps" in res:
+        rows.append(("HF transformers generate(), 1 stream", res["hf_single_decode_tps"]))
+    if "llamacpp_single_decode_tps" in res:
+        rows.append(("llama.cpp (llama-cpp-python), 1 stream", res["llamacpp_single_decode_tps"]))
+    for name, v in rows:
+        print(f"{name:44s} {v:10.1f}")
+    print()
+    if "hf_single_decode_tps" in res:
+        res["ratio_single_vs_hf"] = single / res["hf_single_decode_tps"]
+        print(f"server 1 stream / HF transformers:  {res['ratio_single_vs_hf']:.2f}x  (target >= 3)")
+    if "llamacpp_single_decode_tps" in res:
+        res["ratio_single_vs_llamacpp"] = single / res["llamacpp_single_decode_tps"]
+        print(f"server 1 stream / llama.cpp:        {res['ratio_single_vs_llamacpp']:.2f}x  (target >= 1)")
+    if "aggregate_tps_16" in res:
+        res["ratio_aggregate16_vs_single"] = res["aggregate_tps_16"] / single
+        print(f"server 16 streams / 1 stream:       {res['ratio_aggregate16_vs_single']:.2f}x  (target >= 6)")
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
