@@ -168,11 +168,22 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask=None):
         B, T, _ = x.shape
-        q, k, v = self._qkv(x, cos, sin)
-        k, v = self._expand_kv(k), self._expand_kv(v)
+        hd, nq, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
+        # One matmul for q, k and v: one large product beats three small ones, and the
+        # concatenated weight is tiny next to the activations it multiplies.
+        w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        q, k, v = F.linear(x, w).split((nq * hd, nkv * hd, nkv * hd), dim=-1)
+        q = q.view(B, T, nq, hd).transpose(1, 2)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        # Rotate in the activations' dtype (bf16 under autocast), as Hugging Face does.
+        cos, sin = cos.to(q.dtype).unsqueeze(-3), sin.to(q.dtype).unsqueeze(-3)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            # Grouped-query attention without copying keys and values per head group.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nq)
         else:
+            k, v = self._expand_kv(k), self._expand_kv(v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -197,7 +208,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # gate and up in one matmul (see Attention.forward), then SwiGLU.
+        gate, up = F.linear(x, torch.cat((self.gate_proj.weight, self.up_proj.weight))).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
