@@ -1,63 +1,148 @@
-"""The `data` stage: documents in, a clean, deduplicated, split and documented set out.
+"""The `data` stage: sources in, a clean, deduplicated, decontaminated, ordered and documented set out.
 
-Reads the recipe's sources, normalises every document (Unicode NFC, whitespace),
-drops exact duplicates (sha256 of the normalised text; the first in source
-order is kept), and splits train/validation by each document's hash, so a
-document's split never depends on what else is in the corpus.
+Pipeline, streaming in batches (memory stays bounded by a batch, the dedup
+indexes and one small record per document; never the corpus):
 
-Writes `data/documents.jsonl` (id and text of every kept document) and
-`data/manifest.json` (every document seen: id, source, licence, sha256, bytes,
-split or the reason it was dropped). Token shards come from `shards.py` once
-the tokenizer exists.
+1. Read every `[[data.sources]]` entry in recipe order (`sources.py`); an item
+   that cannot become text (unreadable, binary, invalid UTF-8, malformed JSON,
+   corrupt Parquet, missing field, ...) is recorded under its reason code.
+2. Clean (`normalize`): Unicode NFC, line ends to `\\n`, control characters
+   removed, exotic spaces to spaces, tabs to four spaces, no trailing spaces,
+   at most one blank line in a row, no leading or trailing blank space.
+3. Filter, thresholds from `[data]`: `too_short` (< min_chars), `too_long`
+   (> max_chars), `non_text` (share of characters that are neither letters,
+   whitespace nor prose punctuation `.,;:!?'"()-` above max_non_text_fraction),
+   `repeated_lines` (share of non-blank lines that repeat an earlier line above
+   max_repeated_line_fraction; documents of one line are never dropped by it).
+4. Deduplicate: `exact_duplicate` (same sha256 of the cleaned text), then
+   `contaminated` (shares a decontaminate_ngram-word n-gram with an evaluation
+   set in `data.decontaminate`), then `near_duplicate` (MinHash LSH, see
+   `dedup.py`). The first document in stage order (sources in recipe order,
+   each in its own fixed order) is kept; a dropped one names it in
+   `duplicate_of`.
+5. Split: a kept document is validation when the first 32 bits of its sha256,
+   as a fraction, are below val_fraction: the split depends on the text alone.
+6. Order: the training order (`order.txt`, one id a line) is a seeded shuffle
+   (`random.Random(recipe.seed)`) of the kept training documents, each listed
+   `repeats` times. Sampling weights: a source with weight w contributes each of
+   its training documents floor(w) times plus once more with probability
+   frac(w), the coin being a hash of (seed, document id), so w=1 is every
+   document once, w=2 twice, w=0.5 about half of them, w=0 none. The coin uses
+   the id, not the text, so editing a document never moves it in or out.
+   Validation documents are not weighted.
+7. Merkle roots over the training order (see `merkle_root`): one for the
+   whole mix and one per source (over that source's entries of the same order).
+
+Outputs: `data/documents.jsonl` ({id, split, text} of kept documents, stage
+order), `data/order.txt`, and `data/manifest.json`: "summary" (counts, bytes,
+drops by reason, per source, dedup and decontamination figures), "merkle",
+"mix_merkle_root", "seed", "order_sha256", and "documents", every document
+seen: id, source (URI), source_name, license, sha256, bytes, status
+(kept|dropped), split, reason, duplicate_of, and where they apply detail,
+similarity, contaminated_by, repeats. The shards stage adds `tokens` and the
+tokenizer's hash (see `shards.py`). Same inputs and recipe give byte-identical
+files: nothing depends on time, paths of the run folder or hash seeds.
+
+The order depends on `recipe.seed`, which the data stage's recipe section does
+not cover, so `input_fingerprint` includes the seed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import random
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 from tqdm import tqdm
 
 from glassforge.errors import UserError
-from glassforge.recipe import DataConfig, SourceConfig
-from glassforge.runfolder import AtomicFile, Run, atomic_write_json, canonical_json, sha256_bytes
+from glassforge.recipe import DataConfig, Recipe
+from glassforge.runfolder import AtomicFile, Run, atomic_write_text, canonical_json, sha256_bytes, sha256_file
+from glassforge.sources import READ_REASONS, RawDocument, check_sources, iter_source, source_fingerprint
 
+MANIFEST_FORMAT = "glassforge-data-manifest/1"
+FILTER_REASONS = {
+    "too_short": "fewer characters than data.min_chars after cleaning",
+    "too_long": "more characters than data.max_chars after cleaning",
+    "non_text": "share of non-text characters above data.max_non_text_fraction",
+    "repeated_lines": "share of repeated lines above data.max_repeated_line_fraction",
+    "exact_duplicate": "the same cleaned text as an earlier document (duplicate_of)",
+    "contaminated": "shares an n-gram with an evaluation set in data.decontaminate (contaminated_by)",
+    "near_duplicate": "estimated Jaccard similarity to an earlier document at or above the threshold (duplicate_of)",
+}
+REASONS = {**READ_REASONS, **FILTER_REASONS}
 
-@dataclass
-class RawDocument:
-    id: str
-    source: str  # URI of where the text came from
-    license: str
-    text: str
-    source_name: str
+_BATCH_DOCS = 512
+_BATCH_BYTES = 512 << 10
 
+# --------------------------------------------------------------------------- cleaning
 
-def iter_source(src: SourceConfig) -> Iterator[RawDocument]:
-    if src.kind == "pystdlib":
-        from glassforge import pystdlib
-
-        for i, doc in enumerate(pystdlib.iter_documents(src.modules or None)):
-            if src.max_documents and i >= src.max_documents:
-                return
-            yield RawDocument(f"{src.name}:{doc.name}", doc.source, src.license, doc.text, src.name)
-    else:
-        raise UserError(f"data.sources '{src.name}': unknown kind '{src.kind}' (known: pystdlib)")
-
-
-_CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CTRL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SPACES = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_LINESEP = re.compile(r"[\u2028\u2029\x85]")
 _TRAILING_WS = re.compile(r"[ \t]+\n")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 
 
 def normalize(text: str) -> str:
     """NFC, no control characters, unix newlines, no trailing spaces, at most one blank line."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _CTRL.sub("", text).replace("\t", "    ")
-    text = _TRAILING_WS.sub("\n", text)
-    return _BLANK_RUNS.sub("\n\n", text).strip()
+    if not text.isascii():
+        if not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+        text = _LINESEP.sub("\n", text.replace("\ufeff", ""))
+        text = _SPACES.sub(" ", text)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CTRL.sub("", text)
+    if "\t" in text:
+        text = text.replace("\t", "    ")
+    if " \n" in text:
+        text = _TRAILING_WS.sub("\n", text)
+    if "\n\n\n" in text:
+        text = _BLANK_RUNS.sub("\n\n", text)
+    return text.strip()
+
+
+_TEXT_BYTES = bytes(sorted(set(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ \n.,;:!?'\"()-")))
+_NONTEXT_RE = re.compile(r"(?:[^\w\s.,;:!?'\"()\-]|[\d_])+")
+
+
+def non_text_fraction(text: str, encoded: bytes | None = None) -> float:
+    """Share of characters that are not letters, whitespace or prose punctuation."""
+    if not text:
+        return 0.0
+    if text.isascii():
+        b = encoded if encoded is not None else text.encode("ascii")
+        return len(b.translate(None, _TEXT_BYTES)) / len(b)
+    return sum(len(m) for m in _NONTEXT_RE.findall(text)) / len(text)
+
+
+def repeated_line_fraction(text: str) -> float:
+    """Share of non-blank lines that repeat an earlier line of the same document."""
+    lines = [line for line in text.split("\n") if line]
+    if len(lines) < 2:
+        return 0.0
+    return 1.0 - len(set(lines)) / len(lines)
+
+
+def filter_reason(text: str, cfg: DataConfig, encoded: bytes | None = None) -> str | None:
+    n = len(text)
+    if n < cfg.min_chars:
+        return "too_short"
+    if n > cfg.max_chars:
+        return "too_long"
+    if non_text_fraction(text, encoded) > cfg.max_non_text_fraction:
+        return "non_text"
+    if repeated_line_fraction(text) > cfg.max_repeated_line_fraction:
+        return "repeated_lines"
+    return None
 
 
 def split_of(sha256: str, val_fraction: float) -> str:
@@ -65,57 +150,532 @@ def split_of(sha256: str, val_fraction: float) -> str:
     return "val" if int(sha256[:8], 16) / 0xFFFFFFFF < val_fraction else "train"
 
 
+def train_repeats(weight: float, seed: int, doc_id: str) -> int:
+    """How many times a training document appears in the order under its source's weight."""
+    whole = math.floor(weight)
+    frac = weight - whole
+    if frac <= 0:
+        return whole
+    coin = int.from_bytes(hashlib.sha256(f"{seed}\x00{doc_id}".encode()).digest()[:8], "big") / 2.0 ** 64
+    return whole + (1 if coin < frac else 0)
+
+
+# --------------------------------------------------------------------------- Merkle trees
+
+
+def merkle_root(leaves: list[bytes] | list[str]) -> str:
+    """Root (hex) of the binary Merkle tree over sha256 digests, in the given order.
+
+    Leaves are the documents' 32-byte sha256 digests (bytes or hex). A leaf is
+    hashed as sha256(0x00 || digest), an inner node as sha256(0x01 || left ||
+    right); levels are built bottom-up pairing neighbours, and an odd node at
+    the end of a level moves up unchanged. This equals RFC 6962's Merkle tree
+    hash (its split at the largest power of two below n gives the same tree).
+    The empty tree's root is sha256 of no bytes. A document listed twice in
+    the order (weight > 1) is two leaves.
+    """
+    if not leaves:
+        return hashlib.sha256(b"").hexdigest()
+    sha = hashlib.sha256
+    level = [sha(b"\x00" + (bytes.fromhex(x) if isinstance(x, str) else x)).digest() for x in leaves]
+    while len(level) > 1:
+        nxt = [sha(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0].hex()
+
+
+def order_roots(order: list[str], digest_of: dict[str, bytes], source_of: dict[str, str],
+                source_names: list[str]) -> dict:
+    """Merkle roots of the training order: the mix, and each source's subsequence."""
+    per: dict[str, list[bytes]] = {name: [] for name in source_names}
+    for doc_id in order:
+        per[source_of[doc_id]].append(digest_of[doc_id])
+    return {"mix": merkle_root([digest_of[d] for d in order]),
+            "sources": {name: merkle_root(leaves) for name, leaves in per.items()}}
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class _Pending:
+    raw: RawDocument
+    text: str | None = None
+    encoded: bytes | None = None
+    digest: bytes | None = None
+    reason: str | None = None
+
+
+class _Stage:
+    """The state of one data-stage run: indexes, counters and the open output files."""
+
+    def __init__(self, run: Run, recipe: Recipe):
+        from glassforge.dedup import ContaminationIndex, LSHIndex, MinHasher, eval_items
+
+        self.run, self.recipe, self.cfg = run, recipe, recipe.data
+        cfg = self.cfg
+        self.weights = {s.name: s.weight for s in cfg.sources}
+        self.exact: dict[bytes, str] = {}
+        self.minhasher = MinHasher(cfg.near_dedup_bands * cfg.near_dedup_rows, cfg.near_dedup_shingle) \
+            if cfg.near_dedup else None
+        self.lsh = LSHIndex(cfg.near_dedup_bands, cfg.near_dedup_rows, cfg.near_dedup_threshold) \
+            if cfg.near_dedup else None
+        self.lsh_ids: list[str] = []
+        self.contam = ContaminationIndex(cfg.decontaminate_ngram)
+        for path in cfg.decontaminate:
+            self.contam.add_set(path, eval_items(Path(path)))
+        self.contam_matched: Counter = Counter()
+        self.contam_dropped: Counter = Counter()
+        self.train: list[tuple[str, str, bytes, int]] = []  # (id, source, digest, repeats) in stage order
+        self.per_source = {s.name: {"kind": s.kind, "license": s.license, "weight": s.weight,
+                                    "path": s.path if s.kind != "pystdlib" else "",
+                                    "seen": 0, "kept": 0, "train": 0, "val": 0, "bytes_seen": 0,
+                                    "bytes_kept": 0, "dropped": Counter()} for s in cfg.sources}
+        self.reasons: Counter = Counter()
+        self.ids: set[str] = set()
+        self.seen = 0
+        self.near_similarities: list[float] = []
+
+    def process(self, batch: list[RawDocument], docs_out, entries_out) -> None:
+        from glassforge.dedup import Words
+
+        cfg = self.cfg
+        pend = [_Pending(raw) for raw in batch]
+        live: list[_Pending] = []
+        for p in pend:
+            self._unique_id(p.raw)
+            if p.raw.text is None:
+                p.reason = p.raw.reason or "unreadable"
+                continue
+            p.text = normalize(p.raw.text)
+            p.raw.text = None  # free the raw copy early
+            p.encoded = p.text.encode("utf-8")
+            p.digest = hashlib.sha256(p.encoded).digest()
+            p.reason = filter_reason(p.text, cfg, p.encoded)
+            if p.reason is None:
+                live.append(p)
+        sigs = has = keys = None
+        hits: list[list[str]] = [[] for _ in live]
+        if live and (self.minhasher is not None or self.contam.sets):
+            words = Words([p.encoded for p in live])
+            if self.minhasher is not None:
+                sigs, has = self.minhasher.signatures(words)
+                keys = self.lsh.keys(sigs).tolist()
+            if self.contam.sets:
+                hits = self.contam.hits(words)
+        li = 0
+        for p in pend:
+            raw = p.raw
+            stats = self.per_source[raw.source_name]
+            stats["seen"] += 1
+            self.seen += 1
+            entry = {"id": raw.id, "source": raw.source, "source_name": raw.source_name, "license": raw.license,
+                     "sha256": p.digest.hex() if p.digest is not None else None,
+                     "bytes": len(p.encoded) if p.encoded is not None else None,
+                     "status": "dropped", "split": None, "reason": p.reason, "duplicate_of": None}
+            if p.encoded is not None:
+                stats["bytes_seen"] += len(p.encoded)
+            if raw.detail:
+                entry["detail"] = raw.detail
+            if p.reason is None:
+                i, li = li, li + 1
+                dup = self.exact.get(p.digest)
+                if dup is not None:
+                    entry.update(reason="exact_duplicate", duplicate_of=dup)
+                else:
+                    self.exact[p.digest] = raw.id
+                    near = None
+                    if hits[i]:
+                        entry.update(reason="contaminated", contaminated_by=hits[i])
+                        self.contam_matched.update(hits[i])
+                        self.contam_dropped[hits[i][0]] += 1
+                    elif sigs is not None and has[i]:
+                        near = self.lsh.query_or_insert(sigs[i], keys[i])
+                        if near is None:
+                            self.lsh_ids.append(raw.id)
+                        else:
+                            entry.update(reason="near_duplicate", duplicate_of=self.lsh_ids[near[0]],
+                                         similarity=round(near[1], 4))
+                            self.near_similarities.append(near[1])
+                    if entry["reason"] is None:
+                        self._keep(p, entry, stats, docs_out)
+            if entry["status"] == "dropped":
+                self.reasons[entry["reason"]] += 1
+                stats["dropped"][entry["reason"]] += 1
+            entries_out.write(json.dumps(entry, sort_keys=True, ensure_ascii=False))
+            entries_out.write("\n")
+
+    def _unique_id(self, raw: RawDocument) -> None:
+        """Ids are unique: a repeated one (two definitions of one name, say) gets ~2, ~3, ..."""
+        if raw.id in self.ids:
+            k = 2
+            while f"{raw.id}~{k}" in self.ids:
+                k += 1
+            raw.id = f"{raw.id}~{k}"
+        self.ids.add(raw.id)
+
+    def _keep(self, p: _Pending, entry: dict, stats: dict, docs_out) -> None:
+        raw = p.raw
+        split = split_of(p.digest.hex(), self.cfg.val_fraction)
+        entry.update(status="kept", split=split)
+        stats["kept"] += 1
+        stats[split] += 1
+        stats["bytes_kept"] += len(p.encoded)
+        if split == "train":
+            reps = train_repeats(self.weights[raw.source_name], self.recipe.seed, raw.id)
+            entry["repeats"] = reps
+            self.train.append((raw.id, raw.source_name, p.digest, reps))
+        docs_out.write(canonical_json({"id": raw.id, "split": split, "text": p.text}).decode("utf-8"))
+        docs_out.write("\n")
+
+
+def _batches(items: Iterator[RawDocument]) -> Iterator[list[RawDocument]]:
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += len(item.text) if item.text is not None else 0
+        if len(batch) >= _BATCH_DOCS or size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def run_data(run: Run) -> dict:
-    """Collect, clean, deduplicate and split the recipe's sources into the run folder."""
+    """Collect, clean, filter, deduplicate, decontaminate, split and order the recipe's sources."""
     recipe = run.load_recipe()
     cfg: DataConfig = recipe.data
-    names = [s.name for s in cfg.sources]
-    if len(set(names)) != len(names):
-        raise UserError(f"data.sources: duplicate source name in {names}")
-    seen: dict[str, str] = {}
-    entries: list[dict] = []
-    reasons: Counter = Counter()
-    with AtomicFile(run.data / "documents.jsonl", "w") as out:
-        for src in cfg.sources:
-            for raw in tqdm(iter_source(src), desc=f"data {src.name}", unit="doc", leave=False):
-                text = normalize(raw.text)
-                digest = sha256_bytes(text.encode("utf-8"))
-                entry = {"id": raw.id, "source": raw.source, "license": raw.license, "sha256": digest,
-                         "bytes": len(text.encode("utf-8")), "source_name": raw.source_name}
-                if len(text) < cfg.min_chars:
-                    entry.update(status="dropped", reason="too_short")
-                elif len(text) > cfg.max_chars:
-                    entry.update(status="dropped", reason="too_long")
-                elif digest in seen:
-                    entry.update(status="dropped", reason="exact_duplicate", duplicate_of=seen[digest])
-                else:
-                    seen[digest] = raw.id
-                    entry.update(status="kept", split=split_of(digest, cfg.val_fraction))
-                    out.write(canonical_json({"id": raw.id, "split": entry["split"], "text": text}).decode() + "\n")
-                if entry["status"] == "dropped":
-                    reasons[entry["reason"]] += 1
-                entries.append(entry)
-    kept = [e for e in entries if e["status"] == "kept"]
-    if not kept:
-        raise UserError("data: no document survived cleaning; check data.sources and the filters")
+    check_sources(cfg)  # every recipe mistake before any work
+    st = _Stage(run, recipe)
+    run.data.mkdir(parents=True, exist_ok=True)
+    entries_path = run.data / ".manifest.documents.tmp"
+    try:
+        with AtomicFile(run.data / "documents.jsonl", "w") as docs_out, \
+                open(entries_path, "w", encoding="utf-8") as entries_out:
+            for src in cfg.sources:
+                bar = tqdm(desc=f"data {src.name}", unit="doc", leave=False, mininterval=1.0)
+                for batch in _batches(iter_source(src, cfg)):
+                    st.process(batch, docs_out, entries_out)
+                    bar.update(len(batch))
+                bar.close()
+            kept = sum(s["kept"] for s in st.per_source.values())
+            if not kept:
+                raise UserError("data: no document survived cleaning; check data.sources and the filters "
+                                f"(dropped: {dict(sorted(st.reasons.items()))})")
+        order = _write_order(run, st)
+        _write_manifest(run, st, order, entries_path)
+    finally:
+        entries_path.unlink(missing_ok=True)
+    return json.loads(_manifest_head(run))["summary"]
+
+
+def _write_order(run: Run, st: _Stage) -> list[str]:
+    order = [doc_id for doc_id, _, _, reps in st.train for _ in range(reps)]
+    random.Random(st.recipe.seed).shuffle(order)
+    atomic_write_text(run.data / "order.txt", "".join(d + "\n" for d in order))
+    return order
+
+
+def _write_manifest(run: Run, st: _Stage, order: list[str], entries_path: Path) -> None:
+    cfg = st.cfg
+    digest_of = {doc_id: digest for doc_id, _, digest, _ in st.train}
+    source_of = {doc_id: src for doc_id, src, _, _ in st.train}
+    roots = order_roots(order, digest_of, source_of, [s.name for s in cfg.sources])
+    order_sha = sha256_file(run.data / "order.txt")
+    per_source = {}
+    for name, s in st.per_source.items():
+        per_source[name] = {**s, "dropped": dict(sorted(s["dropped"].items())),
+                            "train_order_entries": sum(1 for d in order if source_of[d] == name),
+                            "merkle_root": roots["sources"][name]}
+    sims = st.near_similarities
     summary = {
-        "documents_seen": len(entries),
-        "documents_kept": len(kept),
-        "train_documents": sum(e["split"] == "train" for e in kept),
-        "val_documents": sum(e["split"] == "val" for e in kept),
-        "bytes_kept": sum(e["bytes"] for e in kept),
-        "dropped": dict(sorted(reasons.items())),
+        "documents_seen": st.seen,
+        "documents_kept": sum(s["kept"] for s in st.per_source.values()),
+        "train_documents": sum(s["train"] for s in st.per_source.values()),
+        "val_documents": sum(s["val"] for s in st.per_source.values()),
+        "bytes_seen": sum(s["bytes_seen"] for s in st.per_source.values()),
+        "bytes_kept": sum(s["bytes_kept"] for s in st.per_source.values()),
+        "dropped": dict(sorted(st.reasons.items())),
+        "sources": per_source,
+        "dedup": {
+            "exact_duplicates": st.reasons.get("exact_duplicate", 0),
+            "near_duplicates": st.reasons.get("near_duplicate", 0),
+            "near_dedup": {"enabled": cfg.near_dedup, "method": "one-permutation MinHash, rotation densification, "
+                           "banded LSH, candidates verified (glassforge.dedup)",
+                           "shingle_words": cfg.near_dedup_shingle, "bands": cfg.near_dedup_bands,
+                           "rows": cfg.near_dedup_rows, "threshold": cfg.near_dedup_threshold,
+                           "mean_similarity_of_dropped": round(sum(sims) / len(sims), 4) if sims else None},
+        },
+        "decontamination": {
+            "ngram": cfg.decontaminate_ngram,
+            "documents_dropped": st.reasons.get("contaminated", 0),
+            "sets": {name: {**st.contam.stats[name], "documents_matched": st.contam_matched.get(name, 0),
+                            "documents_dropped": st.contam_dropped.get(name, 0)} for name in cfg.decontaminate},
+        },
+        "order": {"seed": st.recipe.seed, "entries": len(order), "sha256": order_sha,
+                  "weights": "each training document appears floor(w) times, plus once with probability frac(w)"},
+        "mix_merkle_root": roots["mix"],
     }
-    atomic_write_json(run.data / "manifest.json", {"summary": summary, "documents": entries})
-    return summary
+    head = {
+        "format": MANIFEST_FORMAT,
+        "summary": summary,
+        "merkle": {**roots, "leaves": "sha256 of each training document's cleaned UTF-8 text, in order.txt order",
+                   "construction": "glassforge.data.merkle_root: sha256(0x00||leaf), sha256(0x01||left||right), "
+                                   "odd node promoted (RFC 6962 tree hash)"},
+        "mix_merkle_root": roots["mix"],
+        "seed": st.recipe.seed,
+        "order_sha256": order_sha,
+        "tokenizer_sha256": None,
+        "reasons": {k: REASONS[k] for k in sorted(st.reasons)},
+    }
+    _write_manifest_file(run.data / "manifest.json", head, _read_lines(entries_path))
+
+
+def _read_lines(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\n")
+
+
+def _write_manifest_file(path: Path, head: dict, entry_lines: Iterator[str]) -> None:
+    """manifest.json: the head's keys, then "documents" one per line, streamed (valid JSON)."""
+    with AtomicFile(path, "w") as f:
+        f.write(json.dumps(head, indent=1, sort_keys=True, ensure_ascii=False)[:-2])
+        f.write(',\n "documents": [')
+        first = True
+        for line in entry_lines:
+            f.write("\n  " if first else ",\n  ")
+            f.write(line)
+            first = False
+        f.write("\n ]\n}\n")
+
+
+def _manifest_head(run: Run) -> str:
+    """The manifest without its documents (read without loading them), as JSON."""
+    text = []
+    with open(run.data / "manifest.json", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(' "documents": ['):
+                break
+            text.append(line)
+    return "".join(text).rstrip().rstrip(",") + "\n}"
+
+
+def load_manifest(run: Run) -> dict:
+    path = run.data / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; run `glassforge data {run.root}` first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def iter_manifest_documents(run: Run) -> Iterator[dict]:
+    """The manifest's document entries, one at a time (the file keeps one per line)."""
+    with open(run.data / "manifest.json", encoding="utf-8") as f:
+        inside = False
+        for line in f:
+            if not inside:
+                inside = line.startswith(' "documents": [')
+                continue
+            line = line.strip().rstrip(",")
+            if line.startswith("{"):
+                yield json.loads(line)
 
 
 def iter_documents(run: Run, split: str | None = None) -> Iterator[dict]:
     """Kept documents ({id, split, text}) in the order the data stage wrote them."""
-    import json
-
     with open(run.data / "documents.jsonl", encoding="utf-8") as f:
         for line in f:
             doc = json.loads(line)
             if split is None or doc["split"] == split:
                 yield doc
+
+
+# --------------------------------------------------------------------------- for other stages
+
+
+def input_fingerprint(recipe: Recipe) -> str:
+    """A cheap hash of the data stage's inputs beyond its recipe section (no content read).
+
+    pystdlib: Python version and standard library path; files: each file's
+    relative path, size and mtime; hf: dataset name and split (plus files if
+    local); decontamination sets: size and mtime; and the seed, which fixes
+    the training order the data stage writes.
+    """
+    parts = {"seed": recipe.seed, "sources": [source_fingerprint(s) for s in recipe.data.sources],
+             "decontaminate": []}
+    for path in recipe.data.decontaminate:
+        p = Path(path)
+        st = p.stat() if p.is_file() else None
+        parts["decontaminate"].append([path, st.st_size if st else None, st.st_mtime_ns if st else None])
+    return sha256_bytes(canonical_json(parts))
+
+
+def verify_data(run: Run) -> list[tuple[str, bool, str]]:
+    """Recompute every kept document's hash and the Merkle roots from documents.jsonl; compare to the manifest."""
+    checks: list[tuple[str, bool, str]] = []
+    try:
+        head = json.loads(_manifest_head(run))
+    except (OSError, json.JSONDecodeError) as e:
+        return [("manifest", False, f"{run.data / 'manifest.json'}: {e}")]
+    want: dict[str, str] = {}
+    source_of: dict[str, str] = {}
+    for d in iter_manifest_documents(run):
+        if d.get("status") == "kept":
+            want[d["id"]] = d["sha256"]
+            source_of[d["id"]] = d["source_name"]
+    got: dict[str, bytes] = {}
+    bad: list[str] = []
+    try:
+        for doc in iter_documents(run):
+            digest = hashlib.sha256(doc["text"].encode("utf-8")).digest()
+            got[doc["id"]] = digest
+            if want.get(doc["id"]) != digest.hex():
+                bad.append(doc["id"])
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        return checks + [("documents", False, f"{run.data / 'documents.jsonl'}: {e}")]
+    missing = sorted(set(want) - set(got))
+    if bad or missing:
+        what = f"{bad[0]} does not hash to its manifest entry" if bad else f"{missing[0]} is missing from documents.jsonl"
+        n = len(bad) + len(missing)
+        checks.append(("document hashes", False, what + (f" ({n - 1} more)" if n > 1 else "")))
+    else:
+        checks.append(("document hashes", True, f"all {len(got)} kept documents hash to their manifest entries"))
+    order_path = run.data / "order.txt"
+    if not order_path.is_file():
+        return checks + [("order", False, f"{order_path} is missing")]
+    order_sha = sha256_file(order_path)
+    checks.append(("order", order_sha == head.get("order_sha256"),
+                   f"order.txt sha256 {order_sha[:16]}... " + ("matches the manifest" if order_sha == head.get(
+                       "order_sha256") else f"but the manifest says {str(head.get('order_sha256'))[:16]}...")))
+    order = order_path.read_text(encoding="utf-8").splitlines()
+    unknown = [d for d in order if d not in got]
+    if unknown:
+        return checks + [("merkle roots", False, f"order.txt names {unknown[0]}, not a kept document")]
+    names = list((head.get("merkle") or {}).get("sources", {}))
+    roots = order_roots(order, got, source_of, names or sorted(set(source_of.values())))
+    merkle = head.get("merkle") or {}
+    checks.append(("mix merkle root", roots["mix"] == merkle.get("mix"),
+                   f"recomputed {roots['mix'][:16]}... " + ("matches" if roots["mix"] == merkle.get("mix")
+                                                             else f"!= manifest {str(merkle.get('mix'))[:16]}...")))
+    for name, root in roots["sources"].items():
+        ok = root == merkle.get("sources", {}).get(name)
+        checks.append((f"merkle root of source {name}", ok, f"recomputed {root[:16]}... " +
+                       ("matches" if ok else "differs from the manifest")))
+    shards = run.data / "shards.json"
+    if shards.is_file():
+        info = json.loads(shards.read_text())
+        ok = info.get("order_sha256") == order_sha
+        checks.append(("shards order", ok, "shards.json was built from this order.txt" if ok
+                       else "shards.json names another order.txt; run the shards stage again"))
+        tok = run.tokenizer / "tokenizer.json"
+        if tok.is_file():
+            ok = info.get("tokenizer_sha256") == sha256_file(tok)
+            checks.append(("shards tokenizer", ok, "shards.json was tokenized with tokenizer/tokenizer.json" if ok
+                           else "shards.json names another tokenizer; run the shards stage again"))
+    return checks
+
+
+def write_data_card(run: Run, out_dir: Path) -> Path:
+    """DATA_CARD.md and data_lengths.png in out_dir (see datacard.py)."""
+    from glassforge.datacard import write_data_card as write
+
+    return write(run, out_dir)
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _find_document(run: Run, doc_id: str) -> dict | None:
+    needle = canonical_json(doc_id).decode("utf-8")
+    with open(run.data / "documents.jsonl", encoding="utf-8") as f:
+        for line in f:
+            if needle in line:
+                doc = json.loads(line)
+                if doc["id"] == doc_id:
+                    return doc
+    return None
+
+
+def _find_entry(run: Run, doc_id: str) -> dict | None:
+    for d in iter_manifest_documents(run):
+        if d["id"] == doc_id:
+            return d
+    return None
+
+
+def _describe(entry: dict | None, doc_id: str) -> list[str]:
+    if entry is None:
+        return [f"document {doc_id}: not in the manifest"]
+    lines = [f"document {entry['id']}", f"  source   {entry['source']}", f"  licence  {entry['license']}",
+             f"  sha256   {entry['sha256']}", f"  bytes    {entry['bytes']}", f"  status   {entry['status']}"
+             + (f" ({entry['split']})" if entry.get("split") else f": {entry.get('reason')}")]
+    for key in ("duplicate_of", "similarity", "contaminated_by", "detail", "repeats", "tokens"):
+        if entry.get(key) is not None:
+            lines.append(f"  {key:<8} {entry[key]}")
+    return lines
+
+
+def inspect(run: Run, doc: str | None = None, token: int | None = None, step: int | None = None) -> str:
+    """`glassforge data inspect`: a document, the document of a training token, or a training step's documents."""
+    if sum(x is not None for x in (doc, token, step)) != 1:
+        raise UserError("data inspect: give exactly one of --doc ID, --token N, --step S")
+    if not (run.data / "manifest.json").is_file():
+        raise UserError(f"{run.root}: no data yet; run `glassforge data {run.root}` first")
+    if doc is not None:
+        entry = _find_entry(run, doc)
+        if entry is None:
+            raise UserError(f"--doc {doc}: no such document in {run.data / 'manifest.json'}")
+        lines = _describe(entry, doc)
+        found = _find_document(run, doc) if entry["status"] == "kept" else None
+        if found is not None:
+            lines += ["", found["text"]]
+        return "\n".join(lines)
+    from glassforge.shards import TokenStream
+
+    stream = TokenStream(run.data, "train")
+    if token is not None:
+        if not 0 <= token < len(stream):
+            raise UserError(f"--token {token}: the training stream has {len(stream)} tokens (0..{len(stream) - 1})")
+        i = stream.document_of(token)
+        doc_id = stream.doc_ids[i]
+        start, end = int(stream.offsets[i]), int(stream.offsets[i + 1])
+        lines = [f"token {token} is token {token - start} of {end - start} of the {i}th document in the stream"]
+        try:
+            from glassforge.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(run.tokenizer)
+            piece = tok.decode([int(stream.tokens[token])], skip_special_tokens=False)
+            ctx = tok.decode([int(t) for t in stream.tokens[max(start, token - 16):min(end, token + 17)]],
+                             skip_special_tokens=False)
+            lines += [f"token id {int(stream.tokens[token])} = {piece!r}", f"context: {ctx!r}"]
+        except UserError:
+            pass
+        lines += [""] + _describe(_find_entry(run, doc_id), doc_id)
+        found = _find_document(run, doc_id)
+        if found is not None:
+            lines += ["", found["text"]]
+        return "\n".join(lines)
+    from glassforge.train import DataOrder, Windows
+
+    recipe = run.load_recipe()
+    seq_len = recipe.pretrain.seq_len
+    windows = Windows(stream, seq_len)
+    per_step = max(1, recipe.pretrain.batch_tokens // seq_len)
+    if step < 1:
+        raise UserError(f"--step {step}: steps count from 1 (as in metrics.jsonl)")
+    idx = DataOrder(len(windows), per_step, recipe.seed).global_batch(step - 1)
+    touched: dict[int, int] = {}
+    for w in idx.tolist():
+        lo, hi = w * seq_len, w * seq_len + seq_len + 1
+        first, last = stream.document_of(lo), stream.document_of(min(hi, len(stream)) - 1)
+        for d in range(first, last + 1):
+            a = max(lo, int(stream.offsets[d]))
+            b = min(hi, int(stream.offsets[d + 1]))
+            touched[d] = touched.get(d, 0) + max(0, b - a)
+    lines = [f"step {step}: {len(idx)} windows of {seq_len + 1} tokens (seed {recipe.seed}), "
+             f"{len(touched)} documents:", "  tokens  document"]
+    for d, n in sorted(touched.items(), key=lambda t: (-t[1], t[0])):
+        lines.append(f"  {n:>6}  {stream.doc_ids[d]}")
+    return "\n".join(lines)

@@ -5,9 +5,22 @@ After the tokenizer exists, every kept document is tokenized and written, with
 `data/val.bin` (uint16 while the vocabulary fits, uint32 above). Beside each,
 `*.offsets.npy` holds the start of every document in the stream (n + 1
 entries), and `shards.json` names the documents in stream order, so token N
-maps back to its document by a binary search. Training documents are shuffled
-with the recipe's seed; the order is written to `data/order.txt`, whose hash
-the manifest and attestation record.
+maps back to its document by a binary search.
+
+The training stream follows `data/order.txt`, the seeded, weighted order the
+data stage wrote (a document of a source with weight 2 appears twice);
+validation documents follow `documents.jsonl`. `shards.json` records the
+tokenizer's sha256, the seed and the order file's sha256.
+
+Memory stays bounded whatever the corpus size: documents are tokenized once,
+streaming, in `documents.jsonl` order into a temporary token file (with each
+document's offset); the training stream is then gathered from it in
+`order.txt` order through a memory map.
+
+The data manifest gets each document's `tokens` and the tokenizer's hash when
+the build does not fingerprint `manifest.json` as the data stage's output
+(rewriting it would otherwise make the build re-run every stage); otherwise
+they live here, in `shards.json` ("tokens_per_document", "tokenizer_sha256").
 
 Files are memory-mapped by readers; `np.load` never unpickles (allow_pickle=False).
 """
@@ -15,18 +28,27 @@ Files are memory-mapped by readers; `np.load` never unpickles (allow_pickle=Fals
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from glassforge.errors import UserError
-from glassforge.runfolder import AtomicFile, Run, atomic_write_json, atomic_write_text, sha256_file
+from glassforge.runfolder import AtomicFile, Run, atomic_write_json, sha256_file
 
 
 def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+def _manifest_is_data_output(run: Run) -> bool:
+    try:
+        from glassforge.build import STAGES
+
+        data_stage = next(s for s in STAGES if s.name == "data")
+        return any(p.name == "manifest.json" for p in data_stage.outputs(run))
+    except Exception:  # no build module, or an unexpected layout: never rewrite the manifest
+        return True
 
 
 def run_shards(run: Run) -> dict:
@@ -34,35 +56,117 @@ def run_shards(run: Run) -> dict:
     from glassforge.tokenizer import ENDOFTEXT, load_tokenizer
 
     recipe = run.load_recipe()
+    if not (run.data / "documents.jsonl").is_file() or not (run.data / "order.txt").is_file():
+        raise UserError(f"{run.root}: no data (documents.jsonl, order.txt); run `glassforge data {run.root}` first")
     tok = load_tokenizer(run.tokenizer)
     eot = tok.token_to_id(ENDOFTEXT)
-    dtype = token_dtype(tok.get_vocab_size())
-    info = {"dtype": np.dtype(dtype).name, "tokenizer_sha256": sha256_file(run.tokenizer / "tokenizer.json"),
-            "seed": recipe.seed}
-    for split in ("train", "val"):
-        docs = list(iter_documents(run, split))
-        if split == "train":
-            random.Random(recipe.seed).shuffle(docs)
-            atomic_write_text(run.data / "order.txt", "".join(d["id"] + "\n" for d in docs))
-            info["order_sha256"] = sha256_file(run.data / "order.txt")
-        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
-        with AtomicFile(run.data / f"{split}.bin") as f:
-            batch = 512
-            for start in tqdm(range(0, len(docs), batch), desc=f"tokenize {split}", unit="batch", leave=False):
-                chunk = docs[start:start + batch]
+    dtype = np.dtype(token_dtype(tok.get_vocab_size()))
+    tokenizer_sha = sha256_file(run.tokenizer / "tokenizer.json")
+    order_sha = sha256_file(run.data / "order.txt")
+    info: dict = {"dtype": dtype.name, "tokenizer_sha256": tokenizer_sha, "seed": recipe.seed,
+                  "order_sha256": order_sha}
+
+    # Pass 1: tokenize every kept document once, in documents.jsonl order, into a temporary file.
+    tmp_path = run.data / ".tokens_by_document.tmp"
+    index: dict[str, int] = {}  # id -> position in documents.jsonl
+    starts = [0]
+    nbytes: list[int] = []
+    val_positions: list[int] = []
+    try:
+        with open(tmp_path, "wb") as tmp:
+            chunk: list[dict] = []
+
+            def flush():
                 encs = tok.encode_batch([d["text"] for d in chunk], add_special_tokens=False)
-                for j, enc in enumerate(encs):
-                    ids = np.asarray(enc.ids + [eot], dtype=dtype)
-                    f.write(ids.tobytes())
-                    offsets[start + j + 1] = offsets[start + j] + len(ids)
-        with AtomicFile(run.data / f"{split}.offsets.npy") as f:
-            np.save(f, offsets, allow_pickle=False)
-        info[split] = {"documents": [d["id"] for d in docs], "tokens": int(offsets[-1]),
-                       "bytes": sum(len(d["text"].encode("utf-8")) for d in docs)}
+                for d, enc in zip(chunk, encs):
+                    ids = np.asarray(enc.ids, dtype=dtype)
+                    tmp.write(ids.tobytes())
+                    tmp.write(np.asarray([eot], dtype=dtype).tobytes())
+                    starts.append(starts[-1] + len(ids) + 1)
+                chunk.clear()
+
+            bar = tqdm(desc="tokenize", unit="doc", leave=False, mininterval=1.0)
+            size = 0
+            for doc in iter_documents(run):
+                pos = len(nbytes)
+                if doc["id"] in index:
+                    raise UserError(f"{run.data / 'documents.jsonl'}: id '{doc['id']}' appears twice; "
+                                    f"run `glassforge data {run.root}` again")
+                index[doc["id"]] = pos
+                nbytes.append(len(doc["text"].encode("utf-8")))
+                if doc["split"] == "val":
+                    val_positions.append(pos)
+                chunk.append(doc)
+                size += nbytes[-1]
+                if len(chunk) >= 1024 or size >= (4 << 20):
+                    bar.update(len(chunk))
+                    flush()
+                    size = 0
+            if chunk:
+                flush()
+            bar.close()
+        starts_arr = np.asarray(starts, dtype=np.int64)
+        lengths = np.diff(starts_arr)
+        all_tokens = np.memmap(tmp_path, dtype=dtype, mode="r") if starts[-1] else np.empty(0, dtype=dtype)
+
+        order = (run.data / "order.txt").read_text(encoding="utf-8").splitlines()
+        unknown = [d for d in order if d not in index]
+        if unknown:
+            raise UserError(f"{run.data / 'order.txt'}: names '{unknown[0]}', not a kept document; "
+                            f"run `glassforge data {run.root}` again")
+        ids_of = {pos: doc_id for doc_id, pos in index.items()}
+        # Pass 2: gather each split's stream from the temporary file.
+        for split, positions in (("train", [index[d] for d in order]), ("val", val_positions)):
+            ids = [ids_of[p] for p in positions]
+            positions = np.asarray(positions, dtype=np.int64)
+            offsets = np.zeros(len(positions) + 1, dtype=np.int64)
+            if len(positions):
+                np.cumsum(lengths[positions], out=offsets[1:])
+            with AtomicFile(run.data / f"{split}.bin") as f:
+                for p in positions.tolist():
+                    f.write(memoryview(all_tokens[starts[p]:starts[p + 1]]))
+            with AtomicFile(run.data / f"{split}.offsets.npy") as f:
+                np.save(f, offsets, allow_pickle=False)
+            info[split] = {"documents": list(ids), "tokens": int(offsets[-1]),
+                           "bytes": int(sum(nbytes[p] for p in positions.tolist()))}
+        del all_tokens
+    finally:
+        tmp_path.unlink(missing_ok=True)
     if info["train"]["tokens"] == 0:
         raise UserError("data: the training split is empty")
+    tokens_per_document = {doc_id: int(lengths[pos]) - 1 for doc_id, pos in index.items()}
+    if _manifest_is_data_output(run):
+        info["tokens_per_document"] = tokens_per_document
+    else:
+        _annotate_manifest(run, tokens_per_document, tokenizer_sha)
     atomic_write_json(run.data / "shards.json", info)
     return {"train_tokens": info["train"]["tokens"], "val_tokens": info["val"]["tokens"]}
+
+
+def _annotate_manifest(run: Run, tokens: dict[str, int], tokenizer_sha: str) -> None:
+    """Add tokens per document and the tokenizer's hash to data/manifest.json (atomically)."""
+    from glassforge.data import _manifest_head, _write_manifest_file, iter_manifest_documents
+
+    head = json.loads(_manifest_head(run))
+    head["tokenizer_sha256"] = tokenizer_sha
+
+    def lines():
+        for d in iter_manifest_documents(run):
+            if d["id"] in tokens and d.get("status") == "kept":
+                d["tokens"] = tokens[d["id"]]
+            yield json.dumps(d, sort_keys=True, ensure_ascii=False)
+
+    _write_manifest_file(run.data / "manifest.json", head, lines())
+
+
+def document_tokens(run: Run) -> dict[str, int]:
+    """Tokens (without the separator) of every kept document, from the manifest or shards.json."""
+    info = json.loads((run.data / "shards.json").read_text()) if (run.data / "shards.json").is_file() else {}
+    if "tokens_per_document" in info:
+        return info["tokens_per_document"]
+    from glassforge.data import iter_manifest_documents
+
+    return {d["id"]: d["tokens"] for d in iter_manifest_documents(run) if d.get("tokens") is not None}
 
 
 class TokenStream:

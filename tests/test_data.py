@@ -1,0 +1,470 @@
+"""The data stage: sources, cleaning, filters, dedup, decontamination, manifest, Merkle roots, shards, inspect."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glassforge import data as gdata
+from glassforge.errors import UserError
+from glassforge.recipe import dump_recipe, parse_recipe
+from glassforge.runfolder import Run, atomic_write_text
+
+VOCAB = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ru", "sa", "ti", "vo", "ze", "bra", "cle", "dro")
+         for b in ("n", "st", "ve", "rd", "mp", "ll", "x", "th", "ck", "ng", "sh", "rk", "lf", "ft", "pt")]
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(VOCAB) for _ in range(n))
+
+
+def prose(rng: random.Random, n_sentences: int = 6) -> str:
+    return " ".join(words(rng, rng.randint(8, 16)).capitalize() + "." for _ in range(n_sentences))
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def make_run(root: Path, sources: list[dict], seed: int = 7, **data) -> Run:
+    """A run folder whose recipe has these sources and [data] settings (tokenizer small for speed)."""
+    lines = [f"name = \"t\"\nseed = {seed}\n", "[data]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in data.items()]
+    for s in sources:
+        lines.append("\n[[data.sources]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in s.items()]
+    lines.append("\n[tokenizer]\nvocab_size = 300\nmin_frequency = 1\n")
+    lines.append("[pretrain]\nseq_len = 16\nbatch_tokens = 64\n")
+    recipe = parse_recipe("\n".join(lines).encode(), "test")
+    run = Run.create(root)
+    atomic_write_text(run.recipe, dump_recipe(recipe))
+    return run
+
+
+def entries(run: Run) -> dict[str, dict]:
+    return {d["id"]: d for d in gdata.load_manifest(run)["documents"]}
+
+
+def build_shards(run: Run) -> None:
+    from glassforge.shards import run_shards
+    from glassforge.tokenizer import run_tokenizer
+
+    gdata.run_data(run)
+    run_tokenizer(run)
+    run_shards(run)
+
+
+# --------------------------------------------------------------------------- cleaning and filters
+
+
+def test_normalize_nfc_controls_whitespace():
+    text = "Cafe\u0301\x00 ok\u00a0here \t\r\nline\x07two  \n\n\n\nend\u2028x  "
+    out = gdata.normalize(text)
+    assert out == "Caf\u00e9 ok here\nlinetwo\n\nend\nx"
+    assert gdata.normalize(out) == out
+
+
+def test_filter_reasons():
+    from glassforge.recipe import DataConfig
+
+    cfg = DataConfig(min_chars=10, max_chars=100, max_non_text_fraction=0.3, max_repeated_line_fraction=0.5)
+    assert gdata.filter_reason("short", cfg) == "too_short"
+    assert gdata.filter_reason("x" * 101, cfg) == "too_long"
+    assert gdata.filter_reason("12345 67890 {}[]<> ##", cfg) == "non_text"
+    assert gdata.filter_reason("été 1234567890 ÷÷÷÷", cfg) == "non_text"  # non-ASCII path
+    assert gdata.filter_reason("same line\nsame line\nsame line\nsame line\nother", cfg) == "repeated_lines"
+    assert gdata.filter_reason("A plain sentence, with words.", cfg) is None
+    assert gdata.filter_reason("Une phrase en français, déjà écrite.", cfg) is None
+
+
+# --------------------------------------------------------------------------- sources and bad input
+
+
+def test_file_formats_and_bad_input_are_recorded_not_fatal(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(1)
+    src = tmp_path / "corpus"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text(prose(rng))
+    (src / "b.md").write_text("# Title\n\n" + prose(rng))
+    (src / "sub" / "c.rst").write_text(prose(rng))
+    (src / "d.jsonl").write_text(json.dumps({"text": prose(rng)}) + "\n\n" + "{not json\n"
+                                 + json.dumps({"body": "no text field"}) + "\n" + json.dumps([1, 2]) + "\n"
+                                 + json.dumps({"text": prose(rng)}) + "\n")
+    (src / "e.json").write_text(json.dumps([{"text": prose(rng)}, {"text": 3}]))
+    pq.write_table(pa.table({"text": [prose(rng), None, prose(rng)]}), src / "f.parquet")
+    pq.write_table(pa.table({"body": [prose(rng)]}), src / "g.parquet")
+    (src / "bad_utf8.txt").write_bytes(b"caf\xe9 " + prose(rng).encode())
+    (src / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (src / "empty.txt").write_bytes(b"")
+    (src / "one_line_50mb.txt").write_bytes(b"word " * (10 << 20))
+    (src / "corrupt.parquet").write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
+    (src / "image.png").write_bytes(b"\x89PNG")
+    os.symlink(tmp_path / "nowhere.txt", src / "unreadable.txt")
+    run = make_run(tmp_path / "run", [{"name": "files", "kind": "files", "path": str(src), "license": "CC0-1.0"}])
+    summary = gdata.run_data(run)
+    e = entries(run)
+    reason = {k: (v["status"], v["reason"]) for k, v in e.items()}
+    assert reason["files:a.txt"] == ("kept", None)
+    assert reason["files:b.md"] == ("kept", None)
+    assert reason["files:sub/c.rst"] == ("kept", None)
+    assert reason["files:d.jsonl#L1"] == ("kept", None)
+    assert reason["files:d.jsonl#L3"] == ("dropped", "malformed_json")
+    assert reason["files:d.jsonl#L4"] == ("dropped", "missing_text_field")
+    assert reason["files:d.jsonl#L5"] == ("dropped", "malformed_json")
+    assert reason["files:d.jsonl#L6"] == ("kept", None)
+    assert "files:d.jsonl#L2" not in e  # a blank line holds nothing
+    assert reason["files:e.json#0"] == ("kept", None)
+    assert reason["files:e.json#1"] == ("dropped", "missing_text_field")
+    assert reason["files:f.parquet#0"] == ("kept", None)
+    assert reason["files:f.parquet#1"] == ("dropped", "missing_text_field")
+    assert reason["files:f.parquet#2"] == ("kept", None)
+    assert reason["files:g.parquet"] == ("dropped", "missing_text_field")
+    assert reason["files:bad_utf8.txt"] == ("dropped", "invalid_utf8")
+    assert reason["files:binary.txt"] == ("dropped", "binary")
+    assert reason["files:empty.txt"] == ("dropped", "empty_file")
+    assert reason["files:one_line_50mb.txt"] == ("dropped", "too_long")
+    assert reason["files:corrupt.parquet"] == ("dropped", "corrupt_parquet")
+    assert reason["files:image.png"] == ("dropped", "unsupported_file_type")
+    assert reason["files:unreadable.txt"] == ("dropped", "unreadable")
+    assert e["files:a.txt"]["license"] == "CC0-1.0" and e["files:a.txt"]["source"].startswith("file://")
+    assert e["files:f.parquet#2"]["source"].endswith("f.parquet#2")
+    assert summary["documents_kept"] == 8 and summary["documents_seen"] == len(e)
+    for code in ("malformed_json", "missing_text_field", "invalid_utf8", "binary", "empty_file", "too_long",
+                 "corrupt_parquet", "unreadable", "unsupported_file_type"):
+        assert summary["dropped"][code] >= 1, code
+    card = gdata.write_data_card(run, tmp_path / "card").read_text()
+    for code, n in summary["dropped"].items():
+        assert f"| `{code}` |" in card and f" {n} |" in card
+    assert "CC0-1.0" in card and (tmp_path / "card" / "data_lengths.png").stat().st_size > 1000
+
+
+def test_missing_source_path_is_a_user_error_before_any_work(tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "a.txt").write_text("Enough words to keep this document around.")
+    run = make_run(tmp_path / "run", [{"name": "good", "kind": "files", "path": str(good)},
+                                      {"name": "gone", "kind": "files", "path": str(tmp_path / "missing")}])
+    with pytest.raises(UserError, match=r"data.sources\[1\] 'gone': path '.*missing' does not exist"):
+        gdata.run_data(run)
+    assert not (run.data / "documents.jsonl").exists()
+    run = make_run(tmp_path / "run2", [{"name": "x", "kind": "files", "path": str(good), "weight": -1.0}])
+    with pytest.raises(UserError, match="weight"):
+        gdata.run_data(run)
+    (tmp_path / "x.csv").write_text("a,b")
+    run = make_run(tmp_path / "run3", [{"name": "x", "kind": "files", "path": str(tmp_path / "x.csv")}])
+    with pytest.raises(UserError, match="cannot read '.csv'"):
+        gdata.run_data(run)
+
+
+def test_hf_dataset_offline_from_local_layout(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(3)
+    texts = [prose(rng) for _ in range(5)]
+    folder = tmp_path / "hub_layout" / "data"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"content": texts[:3]}), folder / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"content": texts[3:]}), folder / "train-00001-of-00002.parquet")
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"content": texts[:2] + [None]}).save_to_disk(str(saved))
+    run = make_run(tmp_path / "run", [
+        {"name": "hub", "kind": "hf", "path": str(tmp_path / "hub_layout"), "text_field": "content",
+         "split": "train", "license": "CC-BY-4.0"},
+        {"name": "disk", "kind": "hf", "path": str(saved), "text_field": "content", "split": "train"}])
+    gdata.run_data(run)
+    e = entries(run)
+    kept = [d for d in gdata.iter_documents(run)]
+    assert [d["text"] for d in kept] == [gdata.normalize(t) for t in texts]
+    assert e["hub:train#4"]["license"] == "CC-BY-4.0"
+    assert e["disk:train#0"]["reason"] == "exact_duplicate" and e["disk:train#0"]["duplicate_of"] == "hub:train#0"
+    assert e["disk:train#2"]["reason"] == "missing_text_field"
+    with pytest.raises(UserError, match="does not exist"):
+        gdata.run_data(make_run(tmp_path / "r2", [{"name": "h", "kind": "hf", "path": str(tmp_path / "nope")}]))
+
+
+# --------------------------------------------------------------------------- dedup and decontamination
+
+
+def test_exact_and_planted_near_duplicates_found(tmp_path):
+    rng = random.Random(5)
+    src = tmp_path / "c"
+    src.mkdir()
+    originals = {}
+    for i in range(60):
+        text = words(rng, rng.randint(80, 200))
+        originals[i] = text
+        (src / f"{i:03d}_a.txt").write_text(text)
+    for i, text in originals.items():
+        w = text.split()
+        j = rng.randrange(len(w))
+        w[j] = "changedword" if w[j] != "changedword" else "other"
+        (src / f"{i:03d}_b.txt").write_text(" ".join(w))
+    (src / "999_copy.txt").write_text(originals[3])
+    run = make_run(tmp_path / "run", [{"name": "c", "kind": "files", "path": str(src)}])
+    summary = gdata.run_data(run)
+    e = entries(run)
+    found = sum(e[f"c:{i:03d}_b.txt"]["reason"] == "near_duplicate"
+                and e[f"c:{i:03d}_b.txt"]["duplicate_of"] == f"c:{i:03d}_a.txt" for i in originals)
+    assert found / len(originals) >= 0.9
+    assert all(e[f"c:{i:03d}_a.txt"]["status"] == "kept" for i in originals)  # no false positives
+    assert e["c:999_copy.txt"]["reason"] == "exact_duplicate" and e["c:999_copy.txt"]["duplicate_of"] == "c:003_a.txt"
+    assert summary["dedup"]["near_duplicates"] == found
+
+
+def test_minhash_estimates_jaccard_like_datasketch():
+    from datasketch import MinHash
+
+    from glassforge.dedup import MinHasher, estimated_jaccard
+
+    rng = random.Random(11)
+    mh = MinHasher(112, 5)
+    ours, theirs, exact = [], [], []
+    for _ in range(40):
+        a = words(rng, 150).split()
+        b = list(a)
+        for _ in range(rng.randint(1, 12)):
+            b[rng.randrange(len(b))] = rng.choice(VOCAB)
+        sa = {" ".join(a[i:i + 5]) for i in range(len(a) - 4)}
+        sb = {" ".join(b[i:i + 5]) for i in range(len(b) - 4)}
+        exact.append(len(sa & sb) / len(sa | sb))
+        ours.append(estimated_jaccard(mh.signature(" ".join(a)), mh.signature(" ".join(b))))
+        m1, m2 = MinHash(num_perm=112, seed=1), MinHash(num_perm=112, seed=1)
+        m1.update_batch([s.encode() for s in sa])
+        m2.update_batch([s.encode() for s in sb])
+        theirs.append(m1.jaccard(m2))
+    err_ours = np.sqrt(np.mean((np.array(ours) - exact) ** 2))
+    err_theirs = np.sqrt(np.mean((np.array(theirs) - exact) ** 2))
+    assert err_ours < 0.06 and err_ours < 1.6 * err_theirs + 0.01
+
+
+def test_decontamination_drops_and_counts(tmp_path):
+    rng = random.Random(9)
+    src = tmp_path / "c"
+    src.mkdir()
+    docs = [words(rng, 60) for _ in range(4)]
+    for i, d in enumerate(docs):
+        (src / f"{i}.txt").write_text(d)
+    passage = " ".join(docs[1].split()[20:35])  # 15 words of doc 1
+    near_miss = " ".join(docs[2].split()[10:22])  # 12 words of doc 2: shorter than a 13-gram
+    evalset = tmp_path / "eval.jsonl"
+    evalset.write_text(json.dumps({"question": passage.upper(), "choices": ["a"], "answer": 0}) + "\n"
+                       + json.dumps({"prompt": near_miss, "answer": "x"}) + "\n")
+    run = make_run(tmp_path / "run", [{"name": "c", "kind": "files", "path": str(src)}],
+                   decontaminate=[str(evalset)])
+    summary = gdata.run_data(run)
+    e = entries(run)
+    assert e["c:1.txt"]["reason"] == "contaminated" and e["c:1.txt"]["contaminated_by"] == [str(evalset)]
+    assert e["c:2.txt"]["status"] == "kept"
+    s = summary["decontamination"]["sets"][str(evalset)]
+    assert s["documents_dropped"] == 1 and s["items"] == 4 and s["items_shorter_than_n"] == 3
+    card = gdata.write_data_card(run, tmp_path / "card").read_text()
+    assert f"| `{evalset}` | 4 | 3 |" in card
+
+
+# --------------------------------------------------------------------------- manifest, Merkle roots, order
+
+
+def test_merkle_root_definition():
+    import hashlib
+
+    h = [hashlib.sha256(bytes([i])).digest() for i in range(7)]
+    leaf = [hashlib.sha256(b"\x00" + x).digest() for x in h]
+
+    def node(a, b):
+        return hashlib.sha256(b"\x01" + a + b).digest()
+
+    # RFC 6962: split at the largest power of two below n.
+    assert gdata.merkle_root(h[:1]) == leaf[0].hex()
+    assert gdata.merkle_root(h[:3]) == node(node(leaf[0], leaf[1]), leaf[2]).hex()
+    want7 = node(node(node(leaf[0], leaf[1]), node(leaf[2], leaf[3])), node(node(leaf[4], leaf[5]), leaf[6]))
+    assert gdata.merkle_root(h) == want7.hex() == gdata.merkle_root([x.hex() for x in h])
+    assert gdata.merkle_root([]) == hashlib.sha256(b"").hexdigest()
+    try:
+        from glassforge.attest import merkle_root as attest_root
+    except ImportError:
+        return
+    assert attest_root([x.hex() for x in h]) == gdata.merkle_root(h)
+
+
+def _two_source_corpus(tmp_path: Path, seed: int = 2) -> tuple[Path, Path]:
+    rng = random.Random(seed)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    for i in range(6):
+        (a / f"{i}.txt").write_text(prose(rng))
+    for i in range(4):
+        (b / f"{i}.txt").write_text(prose(rng))
+    return a, b
+
+
+def test_one_byte_changes_its_hash_its_source_root_and_the_mix_root_only(tmp_path):
+    a, b = _two_source_corpus(tmp_path / "in")
+    sources = [{"name": "a", "kind": "files", "path": str(a)}, {"name": "b", "kind": "files", "path": str(b)}]
+    run1 = make_run(tmp_path / "r1", sources, val_fraction=0.0)
+    gdata.run_data(run1)
+    text = (a / "3.txt").read_bytes()
+    (a / "3.txt").write_bytes(text[:10] + (b"Q" if text[10:11] != b"Q" else b"R") + text[11:])
+    run2 = make_run(tmp_path / "r2", sources, val_fraction=0.0)
+    gdata.run_data(run2)
+    m1, m2 = gdata.load_manifest(run1), gdata.load_manifest(run2)
+    d1 = {d["id"]: d for d in m1["documents"]}
+    d2 = {d["id"]: d for d in m2["documents"]}
+    changed = [k for k in d1 if d1[k]["sha256"] != d2[k]["sha256"]]
+    assert changed == ["a:3.txt"]
+    assert all(d1[k] == d2[k] for k in d1 if k != "a:3.txt")
+    assert m1["merkle"]["sources"]["a"] != m2["merkle"]["sources"]["a"]
+    assert m1["merkle"]["sources"]["b"] == m2["merkle"]["sources"]["b"]
+    assert m1["merkle"]["mix"] != m2["merkle"]["mix"]
+    assert m1["order_sha256"] == m2["order_sha256"]
+    assert (run1.data / "order.txt").read_bytes() == (run2.data / "order.txt").read_bytes()
+    checks = gdata.verify_data(run2)
+    assert all(ok for _, ok, _ in checks), checks
+
+
+def test_sampling_weights_repeat_and_subsample(tmp_path):
+    rng = random.Random(4)
+    folders = {}
+    for name, n in (("twice", 5), ("half", 40), ("none", 3)):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        for i in range(n):
+            (folders[name] / f"{i}.txt").write_text(prose(rng))
+    run = make_run(tmp_path / "run", [{"name": "twice", "kind": "files", "path": str(folders["twice"]), "weight": 2.0},
+                                      {"name": "half", "kind": "files", "path": str(folders["half"]), "weight": 0.5},
+                                      {"name": "none", "kind": "files", "path": str(folders["none"]), "weight": 0.0}],
+                   val_fraction=0.0)
+    gdata.run_data(run)
+    order = (run.data / "order.txt").read_text().splitlines()
+    counts = {}
+    for d in order:
+        counts[d] = counts.get(d, 0) + 1
+    assert all(counts[f"twice:{i}.txt"] == 2 for i in range(5))
+    assert not any(d.startswith("none:") for d in order)
+    half = sum(d.startswith("half:") for d in order)
+    assert 10 <= half <= 30 and all(counts[d] == 1 for d in order if d.startswith("half:"))
+    e = entries(run)
+    assert sum(v.get("repeats", 0) for v in e.values()) == len(order)
+    assert all(ok for _, ok, _ in gdata.verify_data(run))
+
+
+def test_same_inputs_give_byte_identical_manifest_and_shards(tmp_path):
+    a, b = _two_source_corpus(tmp_path / "in")
+    sources = [{"name": "a", "kind": "files", "path": str(a), "weight": 1.5},
+               {"name": "b", "kind": "files", "path": str(b)}]
+    runs = [make_run(tmp_path / f"r{i}", sources, val_fraction=0.3) for i in range(2)]
+    for run in runs:
+        build_shards(run)
+    names = ["manifest.json", "documents.jsonl", "order.txt", "shards.json", "train.bin", "val.bin",
+             "train.offsets.npy", "val.offsets.npy"]
+    for name in names:
+        assert (runs[0].data / name).read_bytes() == (runs[1].data / name).read_bytes(), name
+    assert sorted(p.name for p in runs[0].data.iterdir()) == sorted(names)  # no temporary files left
+
+
+def test_shards_follow_order_and_every_token_maps_back(tmp_path):
+    from glassforge.shards import TokenStream, document_tokens
+    from glassforge.tokenizer import load_tokenizer
+
+    a, b = _two_source_corpus(tmp_path / "in")
+    run = make_run(tmp_path / "run", [{"name": "a", "kind": "files", "path": str(a), "weight": 2.0},
+                                      {"name": "b", "kind": "files", "path": str(b)}], val_fraction=0.2)
+    build_shards(run)
+    stream = TokenStream(run.data, "train")
+    assert stream.doc_ids == (run.data / "order.txt").read_text().splitlines()
+    info = json.loads((run.data / "shards.json").read_text())
+    assert info["order_sha256"] == gdata.load_manifest(run)["order_sha256"]
+    tok = load_tokenizer(run.tokenizer)
+    texts = {d["id"]: d["text"] for d in gdata.iter_documents(run)}
+    per_doc = document_tokens(run)
+    for i, doc_id in enumerate(stream.doc_ids):
+        lo, hi = int(stream.offsets[i]), int(stream.offsets[i + 1])
+        assert tok.decode(stream.tokens[lo:hi - 1].tolist()) == texts[doc_id]
+        assert per_doc[doc_id] == hi - lo - 1
+        assert stream.document_of(lo) == i and stream.document_of(hi - 1) == i
+    val = TokenStream(run.data, "val")
+    assert val.doc_ids == [d["id"] for d in gdata.iter_documents(run, "val")]
+
+
+def test_verify_detects_a_changed_document(tmp_path):
+    a, b = _two_source_corpus(tmp_path / "in")
+    run = make_run(tmp_path / "run", [{"name": "a", "kind": "files", "path": str(a)}], val_fraction=0.0)
+    gdata.run_data(run)
+    assert all(ok for _, ok, _ in gdata.verify_data(run))
+    lines = (run.data / "documents.jsonl").read_text().splitlines()
+    doc = json.loads(lines[2])
+    doc["text"] = doc["text"].replace("a", "b", 1) if "a" in doc["text"] else doc["text"] + "!"
+    lines[2] = json.dumps(doc)
+    (run.data / "documents.jsonl").write_text("\n".join(lines) + "\n")
+    failed = {name for name, ok, _ in gdata.verify_data(run) if not ok}
+    assert failed == {"document hashes", "mix merkle root", "merkle root of source a"}
+
+
+def test_input_fingerprint_tracks_files_and_seed(tmp_path):
+    from glassforge.recipe import load_recipe
+
+    a, _ = _two_source_corpus(tmp_path / "in")
+    run = make_run(tmp_path / "run", [{"name": "a", "kind": "files", "path": str(a)}])
+    recipe = load_recipe(run.recipe)
+    fp = gdata.input_fingerprint(recipe)
+    assert fp == gdata.input_fingerprint(recipe)
+    (a / "new.txt").write_text("another document here")
+    fp2 = gdata.input_fingerprint(recipe)
+    assert fp2 != fp
+    recipe.seed += 1
+    assert gdata.input_fingerprint(recipe) != fp2
+    assert gdata.input_fingerprint(load_recipe("tiny")) == gdata.input_fingerprint(load_recipe("tiny"))
+
+
+def test_inspect_doc_token_and_step(tmp_path):
+    a, b = _two_source_corpus(tmp_path / "in")
+    run = make_run(tmp_path / "run", [{"name": "a", "kind": "files", "path": str(a), "license": "MIT"},
+                                      {"name": "b", "kind": "files", "path": str(b)}], val_fraction=0.0)
+    (a / "zz_dup.txt").write_text((a / "0.txt").read_text())
+    build_shards(run)
+    out = gdata.inspect(run, doc="a:1.txt")
+    assert "licence  MIT" in out and (a / "1.txt").read_text().strip() in out
+    assert "exact_duplicate" in gdata.inspect(run, doc="a:zz_dup.txt") and "a:0.txt" in gdata.inspect(
+        run, doc="a:zz_dup.txt")
+    from glassforge.shards import TokenStream
+
+    stream = TokenStream(run.data, "train")
+    n = int(stream.offsets[3]) + 2
+    out = gdata.inspect(run, token=n)
+    assert f"document {stream.doc_ids[3]}" in out and "token 2 of" in out
+    out = gdata.inspect(run, step=1)
+    from glassforge.train import DataOrder, Windows
+
+    windows = Windows(stream, 16)
+    first = DataOrder(len(windows), 64 // 16, 7).global_batch(0)[0]
+    assert stream.doc_ids[stream.document_of(int(first) * 16)] in out and "step 1: 4 windows" in out
+    with pytest.raises(UserError):
+        gdata.inspect(run, doc="nope")
+    with pytest.raises(UserError):
+        gdata.inspect(run, token=10 ** 9)
+    from glassforge.cli import main
+
+    assert main(["data", "inspect", str(run.root), "--doc", "a:1.txt"]) == 0
+
+
+def test_pystdlib_ids_are_unique_even_for_repeated_names(tmp_path):
+    run = make_run(tmp_path / "run", [{"name": "py", "kind": "pystdlib", "modules": ["posixpath"]}])
+    gdata.run_data(run)
+    ids = [d["id"] for d in gdata.load_manifest(run)["documents"]]
+    assert len(ids) == len(set(ids)) and "py:posixpath.normpath~2" in ids
