@@ -205,7 +205,17 @@ def test_checkpoint_write_killed_half_way_keeps_previous(data_run, reference, tm
     assert not [p for p in ckpt_dir.iterdir() if p.name.startswith(".")]  # the debris was cleared
 
 
-def test_torchrun_two_processes_match_one_with_double_accumulation(data_run, tmp_path):
+@pytest.fixture(scope="module")
+def single(data_run, tmp_path_factory) -> Path:
+    """6 steps in one process, fp32, 16 rows a step in micro-batches of 4: 4 accumulated."""
+    run = fresh_run(data_run, tmp_path_factory.mktemp("single") / "run", steps=6, dtype="fp32")
+    subprocess.run(pretrain_cmd(run), env=env(), check=True, capture_output=True)
+    return run
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_with_double_accumulation(data_run, single, sharding, tmp_path):
+    """Two gloo processes, each accumulating 2 micro-batches, against one accumulating 4."""
     import torch
     from safetensors.torch import load_file
 
@@ -214,12 +224,11 @@ def test_torchrun_two_processes_match_one_with_double_accumulation(data_run, tmp
     from glassforge.train import read_metrics
 
     steps = 6
-    # 16 rows a step in micro-batches of 4: one process accumulates 4, each of two processes 2.
-    single = fresh_run(data_run, tmp_path / "single", steps=steps, dtype="fp32")
     double = fresh_run(data_run, tmp_path / "double", steps=steps, dtype="fp32")
-    subprocess.run(pretrain_cmd(single), env=env(), check=True, capture_output=True)
+    if sharding == "fsdp":
+        (double / "recipe.toml").write_text((double / "recipe.toml").read_text().replace("fsdp = false", "fsdp = true"))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(29500 + os.getpid() % 1000), "-m", "glassforge", "pretrain", str(double)]
+                str(29500 + (os.getpid() + len(sharding)) % 1000), "-m", "glassforge", "pretrain", str(double)]
     proc = subprocess.run(torchrun, env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
 
@@ -233,7 +242,7 @@ def test_torchrun_two_processes_match_one_with_double_accumulation(data_run, tmp
 
     cfg = load_recipe(single / "recipe.toml").model
     weights = []
-    for run in (single, double):
+    for run in (single, double):  # whole tensors on disk, even when training held shards
         model = Llama(cfg)
         model.load_hf_state_dict(load_file(run / "pretrain" / "checkpoints" / f"step_{steps:07d}" / "model.safetensors"))
         weights.append(torch.cat([p.flatten() for p in model.parameters()]))

@@ -82,9 +82,10 @@ class Windows:
         return self.n
 
     def batch(self, indices):
+        # One gather from the memory map for the whole batch: no Python loop over rows or tokens.
         T = self.seq_len
-        rows = np.stack([np.asarray(self.stream.tokens[i * T: i * T + T + 1], dtype=np.int64) for i in indices])
-        rows = torch.from_numpy(rows)
+        positions = np.asarray(indices, dtype=np.int64)[:, None] * T + np.arange(T + 1)
+        rows = torch.from_numpy(self.stream.tokens[positions].astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 
 
@@ -586,7 +587,9 @@ def train(
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     flops_tok = flops_per_token(model_cfg, seq_len)
     tokens_per_step = global_rows * seq_len
-    compiled = should_compile(cfg, device, flops_tok * tokens_per_step * (last_step - start_step))
+    # Decided on the whole run's work, not what is left of it: a resumed run or a replay must
+    # compile exactly when the original did, or its bits would differ.
+    compiled = should_compile(cfg, device, flops_tok * tokens_per_step * cfg.steps)
     step_fn = torch.compile(train_model) if compiled else train_model
 
     metrics_path = out / "metrics.jsonl"
