@@ -248,6 +248,28 @@ def test_sampling_controls(client, live):
     assert freq.choices[0].text.count("json") == 2
 
 
+def test_response_format_json(client, live):
+    pytest.importorskip("llguidance")
+    r = client.chat.completions.create(model=live.model, messages=MSGS, response_format={"type": "json_object"},
+                                       max_tokens=60, temperature=0.7, seed=1)
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "n"],
+              "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer", "maximum": 99}}}
+    for seed in range(2):
+        r = client.chat.completions.create(
+            model=live.model, messages=MSGS, max_tokens=60, temperature=1.0, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}})
+        obj = json.loads(r.choices[0].message.content)
+        assert set(obj) == {"name", "n"} and isinstance(obj["name"], str) and len(obj["name"]) <= 8
+        assert isinstance(obj["n"], int) and obj["n"] <= 99
+    # streamed, the deltas add up to the same valid JSON
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=live.model, messages=MSGS, max_tokens=60, temperature=1.0, seed=0, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}}) if c.choices)
+    assert set(json.loads(text)) == {"name", "n"}
+
+
 def test_embeddings_base64_default(client, live):
     r = client.embeddings.create(model=live.model, input=["hello world", "import json"])
     assert [d.index for d in r.data] == [0, 1]
@@ -282,7 +304,8 @@ def test_unsupported_and_invalid_parameters(client, live):
         client.chat.completions.create(model=live.model, messages=MSGS, top_logprobs=25, logprobs=True)
     assert e.value.param == "top_logprobs"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=live.model, messages=MSGS, response_format={"type": "json_object"})
+        client.chat.completions.create(model=live.model, messages=MSGS, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}})
     assert e.value.param == "response_format"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=MSGS)

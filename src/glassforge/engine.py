@@ -78,6 +78,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
     prompt_logprobs: int | None = None  # the same over the prompt (completions `echo`)
+    grammar: str | None = None  # an llguidance grammar (from `Engine.json_grammar`): constrained decoding
 
 
 @dataclass
@@ -126,6 +127,7 @@ class Sequence:
         self.cancelled = False
         self.first_event = True
         self.counts: torch.Tensor | None = None
+        self.matcher = None  # llguidance matcher when params.grammar is set
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         self.generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % (2**63))
         self.submitted = time.perf_counter()
@@ -269,6 +271,7 @@ class Engine:
         self.stats = collections.Counter()
         self.decode_time = 0.0
         self._token_cache: dict[int, str] = {}
+        self._lltok = None
         self.thread = threading.Thread(target=self._loop, name="glassforge-engine", daemon=True)
         self.thread.start()
 
@@ -286,6 +289,36 @@ class Engine:
             s = self.tokenizer.decode([token_id], skip_special_tokens=False)
             self._token_cache[token_id] = s
         return s
+
+    def grammar_tokenizer(self):
+        """llguidance's view of our tokenizer (built once, offline, from tokenizer.json)."""
+        if self._lltok is None:
+            try:
+                import llguidance.hf
+                from transformers import PreTrainedTokenizerFast
+            except ImportError as e:
+                raise UserError(f"constrained decoding needs llguidance and transformers ({e.name} is not "
+                                f"installed): pip install llguidance transformers") from None
+            from glassforge.tokenizer import END
+
+            hf = PreTrainedTokenizerFast(tokenizer_file=str(self.folder / "tokenizer.json"), eos_token=END)
+            self._lltok = llguidance.hf.from_tokenizer(hf, n_vocab=self.vocab_size, eos_token=self.end_id)
+        return self._lltok
+
+    def json_grammar(self, schema: dict | None) -> str:
+        """An llguidance grammar for JSON matching schema (None: any JSON object); UserError if invalid."""
+        lltok = self.grammar_tokenizer()
+        import llguidance
+
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                schema if schema is not None else {"type": "object"}, defaults={"whitespace_flexible": False})
+        except Exception as e:  # noqa: BLE001 - the library reports schema errors as various types
+            raise UserError(f"invalid JSON schema: {e}") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar, lltok)
+        if error:
+            raise UserError(f"invalid JSON schema: {error}")
+        return grammar
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise UserError (or ContextTooLong) for a request the engine cannot run."""
@@ -318,7 +351,12 @@ class Engine:
                 if key not in groups:
                     self._groups += 1
                     groups[key] = self._groups
-                seqs.append(Sequence(index, ids, params, sink, groups[key]))
+                seq = Sequence(index, ids, params, sink, groups[key])
+                if params.grammar is not None:
+                    import llguidance
+
+                    seq.matcher = llguidance.LLMatcher(self.grammar_tokenizer(), params.grammar, log_level=0)
+                seqs.append(seq)
             self.waiting.extend(seqs)
             self.cond.notify()
         return seqs
@@ -525,10 +563,16 @@ class Engine:
         adjusted = None
         for i, s in enumerate(seqs):
             p = s.params
-            if p.logit_bias or p.presence_penalty or p.frequency_penalty:
+            if p.logit_bias or p.presence_penalty or p.frequency_penalty or s.matcher is not None:
                 if adjusted is None:
                     adjusted = logits.clone()
                 row = adjusted[i]
+                if s.matcher is not None:
+                    import llguidance.torch as lt
+
+                    mask = lt.allocate_token_bitmask(1, self.vocab_size)
+                    lt.fill_next_token_bitmask(s.matcher, mask, 0)
+                    lt.apply_token_bitmask_inplace(adjusted[i:i + 1], mask)
                 if p.logit_bias:
                     ids = torch.tensor(list(p.logit_bias.keys()))
                     row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype))
@@ -538,6 +582,8 @@ class Engine:
             logits = adjusted
         if all(greedy):
             return logits.argmax(-1).tolist()
+        if adjusted is not None:  # a -inf row from a grammar must not turn into NaN under temperature
+            logits = logits.nan_to_num(neginf=torch.finfo(torch.float32).min)
         temps = torch.tensor([max(s.params.temperature, 1e-5) for s in seqs])[:, None]
         scaled = logits / temps
         if any(s.params.top_k > 0 or s.params.top_p < 1.0 for s in seqs):
@@ -592,6 +638,11 @@ class Engine:
         if lp is not None:
             s.pending.append(TokenLogprob(tok, self.token_str(tok), lp[0], lp[1], offset))
         finish = None
+        grammar_done = False
+        if s.matcher is not None:
+            s.matcher.consume_token(tok)
+            grammar_done = s.matcher.is_stopped() or s.matcher.is_error()
+            is_stop_token = is_stop_token or tok == self.end_id
         if is_stop_token:
             finish = "stop"
         else:
@@ -604,6 +655,8 @@ class Engine:
                     if cut is not None:
                         s.text = s.text[:cut]
                         finish = "stop"
+            if grammar_done:  # the grammar is complete: nothing more may follow
+                finish = "stop"
         if finish is None and len(s.out_ids) >= p.max_tokens:
             finish = "length"
         if finish is None and s.position + 1 >= self.max_context:
@@ -614,7 +667,7 @@ class Engine:
                 self._emit(s, s.text[s.sent:upto], prompt_lp)
                 s.sent = max(s.sent, upto)
         else:
-            if finish == "length":  # flush what was held back for a partial stop match
+            if finish == "length" or grammar_done:  # flush any undecoded bytes
                 s.text += self._flush_detokenize(s)
             self._finish(s, finish, prompt_lp=prompt_lp)
 

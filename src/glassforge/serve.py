@@ -29,9 +29,11 @@ Choices that clients depend on:
   null) in the legacy shape, and the sampled token is always in
   `top_logprobs`, so lm-evaluation-harness's log-likelihood and greedy checks
   work; `max_tokens: 0` with echo scores the prompt only.
-- `response_format` json_object/json_schema: no constrained-decoding library
-  that is light and works offline with our tokenizer is installed, so it is a
-  clear 400 naming the parameter (type "text" is accepted).
+- `response_format` json_object/json_schema is constrained decoding with
+  llguidance (a small Rust library that builds its token tables offline from
+  our tokenizer.json): at each step only tokens that keep the output a valid
+  prefix of the schema are allowed, and the reply ends when the JSON is
+  complete. Without llguidance installed it is a 400 naming the parameter.
 """
 
 from __future__ import annotations
@@ -368,7 +370,7 @@ class Server:
 
     def tracer(self):
         trace_dir = self.engine.folder / "trace"
-        if not trace_dir.is_dir():
+        if not (trace_dir / "index.json").is_file():
             return None
         with self._tracer_lock:
             if self._tracer is None:
@@ -787,10 +789,20 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         server.check_model(req.model)
-        if req.response_format is not None and req.response_format.type != "text":
-            raise APIError(400, f"response_format type '{req.response_format.type}' is not supported: this server "
-                           "has no constrained decoding; ask for plain text and validate the JSON yourself",
-                           param="response_format", code="unsupported_parameter")
+        grammar = None
+        rf = req.response_format
+        if rf is not None and rf.type != "text":
+            schema = None
+            if rf.type == "json_schema":
+                spec = rf.json_schema or {}
+                schema = spec.get("schema")
+                if not isinstance(schema, dict):
+                    raise APIError(400, "response_format json_schema needs {'name': ..., 'schema': {...}}",
+                                   param="response_format")
+            try:
+                grammar = await asyncio.to_thread(engine.json_grammar, schema)
+            except UserError as e:
+                raise APIError(400, f"response_format: {e}", param="response_format") from None
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         n = req.n or 1
@@ -800,6 +812,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
         max_tokens = limit if limit is not None else max(engine.max_context - len(ids), 1)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = server.params(req, max_tokens, logprobs)
+        params.grammar = grammar
         if req.trace:
             server.tracer() or _raise_no_trace()
         try:
