@@ -450,13 +450,49 @@ def test_terminal_chat(random_model, monkeypatch):
 
 def test_trace(client, live, tmp_path):
     trace = pytest.importorskip("glassforge.trace")
-    if not hasattr(trace, "Tracer"):
+    if not hasattr(trace, "Tracer") or not hasattr(trace, "build_index_arrays"):
         pytest.skip("glassforge.trace has no Tracer yet")
     # the random model's release has no trace index: OpenAI-shaped answers, not 500s
     r = httpx.post(f"{live.base}/trace", json={"text": "import json"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "trace_unavailable"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=live.model, prompt="x", max_tokens=1, extra_body={"trace": True})
+
+    # a copy of the release with an index over a few documents
+    import shutil
+
+    from glassforge import pystdlib
+    from glassforge.runfolder import sha256_bytes, sha256_file
+
+    folder = tmp_path / "release"
+    shutil.copytree(live.engine.folder, folder, ignore=shutil.ignore_patterns("trace"))
+    eng = live.engine
+    texts = [d.text for d in pystdlib.iter_documents(["json"])][:5]
+    stream, offsets, docs = [], [0], []
+    for i, t in enumerate(texts):
+        stream += eng.encode(t) + [eng.eot_id]
+        offsets.append(len(stream))
+        docs.append({"id": f"doc{i}", "source": "pystdlib", "license": "PSF-2.0", "sha256": sha256_bytes(t.encode())})
+    trace.build_index_arrays(np.array(stream, dtype=np.uint16), np.array(offsets), docs, folder / "trace",
+                             eot_id=eng.eot_id, tokenizer_sha256=sha256_file(folder / "tokenizer.json"))
+    engine, srv = start(folder, max_batch=2)
+    try:
+        quote = texts[0][:200]
+        got = httpx.post(f"{srv.base}/trace", json={"text": quote, "min_tokens": 4}).json()
+        want = trace.Tracer(folder / "trace").trace(quote, min_tokens=4)
+        got.pop("elapsed_ms", None)
+        want.pop("elapsed_ms", None)
+        assert got == json.loads(json.dumps(want))
+        assert json.dumps(got).count("doc0") >= 1
+        c = openai.OpenAI(base_url=srv.base, api_key="k", max_retries=0)
+        r = c.completions.create(model=engine.folder.name, prompt=quote, max_tokens=4, extra_body={"trace": True})
+        assert "trace" in r.choices[0].model_extra
+        chunks = list(c.chat.completions.create(model=engine.folder.name, messages=MSGS, max_tokens=4, stream=True,
+                                                extra_body={"trace": True}))
+        assert "trace" in chunks[-1].choices[0].model_extra and chunks[-1].choices[0].finish_reason
+    finally:
+        srv.stop()
+        engine.close()
 
 
 @pytest.mark.slow
