@@ -485,9 +485,11 @@ def test_trace(client, live, tmp_path):
         assert got == json.loads(json.dumps(want))
         assert json.dumps(got).count("doc0") >= 1
         c = openai.OpenAI(base_url=srv.base, api_key="k", max_retries=0)
-        r = c.completions.create(model=engine.folder.name, prompt=quote, max_tokens=4, extra_body={"trace": True})
+        name = c.models.list().data[0].id
+        assert name == tmp_path.name  # a release/ folder is named after its run folder
+        r = c.completions.create(model=name, prompt=quote, max_tokens=4, extra_body={"trace": True})
         assert "trace" in r.choices[0].model_extra
-        chunks = list(c.chat.completions.create(model=engine.folder.name, messages=MSGS, max_tokens=4, stream=True,
+        chunks = list(c.chat.completions.create(model=name, messages=MSGS, max_tokens=4, stream=True,
                                                 extra_body={"trace": True}))
         assert "trace" in chunks[-1].choices[0].model_extra and chunks[-1].choices[0].finish_reason
     finally:
