@@ -352,14 +352,14 @@ def test_openapi_and_health(live):
 
 
 def test_queue_full_is_429_and_disconnect_frees_slot(random_model):
-    engine, srv = start(random_model, max_batch=1, max_queue=0)
+    engine, srv = start(random_model, max_batch=4, max_queue=0)
     try:
         body = {"prompt": "import", "max_tokens": 200, "stream": True, "ignore_eos": True, "temperature": 0}
         with httpx.Client(timeout=30) as h:
             with h.stream("POST", f"{srv.base}/completions", json=body) as s:
                 lines = s.iter_lines()
                 next(line for line in lines if line.startswith("data:"))
-                busy = h.post(f"{srv.base}/completions", json={"prompt": "x", "max_tokens": 1})
+                busy = h.post(f"{srv.base}/completions", json={"prompt": "x", "max_tokens": 1, "n": 4})
                 assert busy.status_code == 429
                 assert busy.headers["retry-after"] == "1"
                 assert busy.json()["error"]["type"] == "rate_limit_error"
@@ -373,6 +373,16 @@ def test_queue_full_is_429_and_disconnect_frees_slot(random_model):
             assert m["glassforge_generation_tokens_total"] < 200
             ok = h.post(f"{srv.base}/completions", json={"prompt": "x", "max_tokens": 1})
             assert ok.status_code == 200
+            # a non-streaming client that gives up is noticed too
+            with pytest.raises(httpx.TimeoutException):
+                h.post(f"{srv.base}/completions", json={**body, "stream": False, "n": 4, "max_tokens": 250,
+                                                        "logprobs": 5, "prompt": "x"}, timeout=0.3)
+            deadline = time.time() + 5
+            while metrics_of(srv.root)["glassforge_running_sequences"] != 0:
+                assert time.time() < deadline, "abandoned request still running"
+                time.sleep(0.05)
+            m = metrics_of(srv.root)
+            assert m["glassforge_cancelled_total"] >= 5 and m["glassforge_generation_tokens_total"] < 200 + 1000
     finally:
         srv.stop()
         engine.close()

@@ -425,18 +425,24 @@ class Server:
         return q, seqs
 
     async def collect(self, request: Request, q: asyncio.Queue, seqs, count: int) -> dict[int, Event]:
-        """Wait for every sequence to finish (non-streaming), cancelling if the client leaves."""
+        """Wait for every sequence to finish (non-streaming), cancelling at once if the client leaves."""
+        gone = object()
+
+        async def watch_disconnect():
+            # After the body is read, receive() returns only when the client goes away.
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.engine.cancel(seqs)
+            q.put_nowait(gone)
+
+        watcher = asyncio.create_task(watch_disconnect())
         merged: dict[int, Event] = {}
         finished = 0
         try:
             while finished < count:
-                try:
-                    ev = await asyncio.wait_for(q.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        self.engine.cancel(seqs)
-                        raise APIError(499, "client disconnected") from None
-                    continue
+                ev = await q.get()
+                if ev is gone:
+                    raise APIError(499, "client disconnected")
                 if ev.error:
                     raise APIError(500, ev.error, "server_error")
                 m = merged.setdefault(ev.index, Event(index=ev.index))
@@ -451,6 +457,8 @@ class Server:
         except BaseException:
             self.engine.cancel(seqs)
             raise
+        finally:
+            watcher.cancel()
         return merged
 
     def observe_ttft(self, metrics: Metrics, seqs) -> None:
@@ -685,7 +693,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
                     choices.append({"index": pi * n + j, "text": text if req.echo else "",
                                     "logprobs": legacy_logprobs(lp) if lp is not None else None,
                                     "finish_reason": "length"})
-            ptoks = sum(len(ids) for ids in id_lists) * n
+            ptoks = sum(len(ids) for ids in id_lists)
             usage = {"prompt_tokens": ptoks, "completion_tokens": 0, "total_tokens": ptoks}
             if req.stream:
                 async def gen0():
@@ -723,7 +731,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
                 if req.trace:
                     choice["trace"] = await server.trace_text(ev.text)
                 choices.append(choice)
-            ptoks = sum(merged[i].prompt_tokens for i in merged)
+            ptoks = sum(len(ids) for ids in id_lists)  # each prompt counted once, whatever n
             ctoks = sum(merged[i].completion_tokens for i in merged)
             return {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
                     "choices": choices,
@@ -762,7 +770,8 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
                                                          "finish_reason": None}], **extra})
                     if ev.finish_reason:
                         finished += 1
-                        totals["p"] += ev.prompt_tokens
+                        if idx % n == 0:  # each prompt counted once, whatever n
+                            totals["p"] += ev.prompt_tokens
                         totals["c"] += ev.completion_tokens
                         choice = {"index": idx, "text": "", "logprobs": None, "finish_reason": ev.finish_reason}
                         if req.trace:
