@@ -196,6 +196,7 @@ def main() -> None:
     p.add_argument("--mb", type=int, default=200, help="corpus size in MiB")
     p.add_argument("--work", default="/tmp/gf-data-bench", help="where the corpus and run folder go")
     p.add_argument("--compare-dedup", action="store_true")
+    p.add_argument("--data-only", action="store_true", help="skip the tokenizer and shards stages")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--run", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -216,9 +217,13 @@ def main() -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     make_run(run_dir, corpus)
     t_data, rss_data = timed_child("data", run_dir)
+    mb = info["bytes"] / 1e6
+    if args.data_only:
+        print(json.dumps({"input_MB": round(mb, 1), "cpus": os.cpu_count(), "data_stage": {
+            "seconds": round(t_data, 1), "MB_per_s": round(mb / t_data, 1), "peak_rss_MB": round(rss_data)}}, indent=1))
+        return
     t_tok, rss_tok = timed_child("tokenizer", run_dir)
     t_shards, rss_shards = timed_child("shards", run_dir)
-    mb = info["bytes"] / 1e6
     result = {
         "input_MB": round(mb, 1), "cpus": os.cpu_count(),
         "data_stage": {"seconds": round(t_data, 1), "MB_per_s": round(mb / t_data, 1), "peak_rss_MB": round(rss_data)},

@@ -100,7 +100,7 @@ def test_file_formats_and_bad_input_are_recorded_not_fatal(tmp_path):
     (src / "sub").mkdir(parents=True)
     (src / "a.txt").write_text(prose(rng))
     (src / "b.md").write_text("# Title\n\n" + prose(rng))
-    (src / "sub" / "c.rst").write_text(prose(rng))
+    (src / "sub" / "c d#e.rst").write_text(prose(rng))
     (src / "d.jsonl").write_text(json.dumps({"text": prose(rng)}) + "\n\n" + "{not json\n"
                                  + json.dumps({"body": "no text field"}) + "\n" + json.dumps([1, 2]) + "\n"
                                  + json.dumps({"text": prose(rng)}) + "\n")
@@ -120,7 +120,7 @@ def test_file_formats_and_bad_input_are_recorded_not_fatal(tmp_path):
     reason = {k: (v["status"], v["reason"]) for k, v in e.items()}
     assert reason["files:a.txt"] == ("kept", None)
     assert reason["files:b.md"] == ("kept", None)
-    assert reason["files:sub/c.rst"] == ("kept", None)
+    assert reason["files:sub/c%20d%23e.rst"] == ("kept", None)
     assert reason["files:d.jsonl#L1"] == ("kept", None)
     assert reason["files:d.jsonl#L3"] == ("dropped", "malformed_json")
     assert reason["files:d.jsonl#L4"] == ("dropped", "missing_text_field")
@@ -468,3 +468,20 @@ def test_pystdlib_ids_are_unique_even_for_repeated_names(tmp_path):
     gdata.run_data(run)
     ids = [d["id"] for d in gdata.load_manifest(run)["documents"]]
     assert len(ids) == len(set(ids)) and "py:posixpath.normpath~2" in ids
+
+
+def test_worker_processes_give_the_same_result_as_one_process(tmp_path, monkeypatch):
+    rng = random.Random(12)
+    src = tmp_path / "c"
+    src.mkdir()
+    lines = [json.dumps({"text": words(rng, rng.randint(30, 90))}) for _ in range(1400)]
+    lines += [lines[5], lines[700]]  # exact duplicates across batches
+    (src / "a.jsonl").write_text("\n".join(lines) + "\n")
+    outputs = []
+    for workers in ("0", "2"):
+        monkeypatch.setenv("GLASSFORGE_DATA_WORKERS", workers)
+        run = make_run(tmp_path / f"run{workers}", [{"name": "c", "kind": "files", "path": str(src)}])
+        gdata.run_data(run)
+        outputs.append([(run.data / n).read_bytes() for n in ("manifest.json", "documents.jsonl", "order.txt")])
+    assert outputs[0] == outputs[1]
+    assert b"exact_duplicate" in outputs[0][0]

@@ -56,7 +56,6 @@ import random
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -199,33 +198,94 @@ def order_roots(order: list[str], digest_of: dict[str, bytes], source_of: dict[s
 # --------------------------------------------------------------------------- the stage
 
 
-@dataclass
-class _Pending:
-    raw: RawDocument
-    text: str | None = None
-    encoded: bytes | None = None
-    digest: bytes | None = None
-    reason: str | None = None
+class _Analyzer:
+    """The per-batch work that needs no state across documents: clean, hash, filter, sign, n-gram check.
+
+    It is a pure function of the batch's texts and the recipe, so it can run in
+    worker processes (forked, inheriting the evaluation sets' n-grams) while the
+    main process makes the sequential decisions; results are identical either way.
+    """
+
+    def __init__(self, cfg: DataConfig):
+        from glassforge.dedup import ContaminationIndex, LSHIndex, MinHasher, eval_items
+
+        self.cfg = cfg
+        self.minhasher = MinHasher(cfg.near_dedup_bands * cfg.near_dedup_rows, cfg.near_dedup_shingle) \
+            if cfg.near_dedup else None
+        self.keyer = LSHIndex(cfg.near_dedup_bands, cfg.near_dedup_rows, cfg.near_dedup_threshold)
+        self.contam = ContaminationIndex(cfg.decontaminate_ngram)
+        for path in cfg.decontaminate:
+            self.contam.add_set(path, eval_items(Path(path)))
+
+    def __call__(self, texts: list[str | None]) -> dict:
+        from glassforge.dedup import Words
+
+        cfg = self.cfg
+        norm: list[str | None] = []
+        nbytes: list[int | None] = []
+        digests: list[bytes | None] = []
+        reasons: list[str | None] = []
+        live: list[bytes] = []
+        for text in texts:
+            if text is None:
+                norm.append(None), nbytes.append(None), digests.append(None), reasons.append(None)
+                continue
+            text = normalize(text)
+            encoded = text.encode("utf-8")
+            reason = filter_reason(text, cfg, encoded)
+            norm.append(text if reason is None else None)
+            nbytes.append(len(encoded))
+            digests.append(hashlib.sha256(encoded).digest())
+            reasons.append(reason)
+            if reason is None:
+                live.append(encoded)
+        out = {"norm": norm, "bytes": nbytes, "digests": digests, "reasons": reasons,
+               "sigs": None, "has": None, "keys": None, "hits": [[] for _ in live]}
+        if live and (self.minhasher is not None or self.contam.sets):
+            words = Words(live)
+            if self.minhasher is not None:
+                out["sigs"], out["has"] = self.minhasher.signatures(words)
+                out["keys"] = self.keyer.keys(out["sigs"]).tolist()
+            if self.contam.sets:
+                out["hits"] = self.contam.hits(words)
+        return out
+
+
+_WORKER_ANALYZER: _Analyzer | None = None
+
+
+def _analyze_in_worker(texts: list[str | None]) -> dict:
+    return _WORKER_ANALYZER(texts)
+
+
+def data_workers() -> int:
+    """Worker processes for the data stage: $GLASSFORGE_DATA_WORKERS, else 2 on a machine with 2+ cores."""
+    import os
+
+    env = os.environ.get("GLASSFORGE_DATA_WORKERS")
+    if env is not None:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise UserError(f"GLASSFORGE_DATA_WORKERS: expected a whole number, got '{env}'") from None
+    return 2 if (os.cpu_count() or 1) >= 2 else 0
 
 
 class _Stage:
     """The state of one data-stage run: indexes, counters and the open output files."""
 
     def __init__(self, run: Run, recipe: Recipe):
-        from glassforge.dedup import ContaminationIndex, LSHIndex, MinHasher, eval_items
+        from glassforge.dedup import LSHIndex
 
         self.run, self.recipe, self.cfg = run, recipe, recipe.data
         cfg = self.cfg
+        self.analyzer = _Analyzer(cfg)
+        self.contam = self.analyzer.contam
         self.weights = {s.name: s.weight for s in cfg.sources}
         self.exact: dict[bytes, str] = {}
-        self.minhasher = MinHasher(cfg.near_dedup_bands * cfg.near_dedup_rows, cfg.near_dedup_shingle) \
-            if cfg.near_dedup else None
         self.lsh = LSHIndex(cfg.near_dedup_bands, cfg.near_dedup_rows, cfg.near_dedup_threshold) \
             if cfg.near_dedup else None
         self.lsh_ids: list[str] = []
-        self.contam = ContaminationIndex(cfg.decontaminate_ngram)
-        for path in cfg.decontaminate:
-            self.contam.add_set(path, eval_items(Path(path)))
         self.contam_matched: Counter = Counter()
         self.contam_dropped: Counter = Counter()
         self.train: list[tuple[str, str, bytes, int]] = []  # (id, source, digest, repeats) in stage order
@@ -238,55 +298,67 @@ class _Stage:
         self.seen = 0
         self.near_similarities: list[float] = []
 
-    def process(self, batch: list[RawDocument], docs_out, entries_out) -> None:
-        from glassforge.dedup import Words
+    def run_batches(self, batches: Iterator[list[RawDocument]], docs_out, entries_out, bar) -> None:
+        """Analyse batches (in worker processes once there is more than one) and decide them in order."""
+        import collections
+        import multiprocessing as mp
 
-        cfg = self.cfg
-        pend = [_Pending(raw) for raw in batch]
-        live: list[_Pending] = []
-        for p in pend:
-            self._unique_id(p.raw)
-            if p.raw.text is None:
-                p.reason = p.raw.reason or "unreadable"
-                continue
-            p.text = normalize(p.raw.text)
-            p.raw.text = None  # free the raw copy early
-            p.encoded = p.text.encode("utf-8")
-            p.digest = hashlib.sha256(p.encoded).digest()
-            p.reason = filter_reason(p.text, cfg, p.encoded)
-            if p.reason is None:
-                live.append(p)
-        sigs = has = keys = None
-        hits: list[list[str]] = [[] for _ in live]
-        if live and (self.minhasher is not None or self.contam.sets):
-            words = Words([p.encoded for p in live])
-            if self.minhasher is not None:
-                sigs, has = self.minhasher.signatures(words)
-                keys = self.lsh.keys(sigs).tolist()
-            if self.contam.sets:
-                hits = self.contam.hits(words)
+        global _WORKER_ANALYZER
+        workers = data_workers()
+        pool = None
+        inflight: collections.deque = collections.deque()
+        try:
+            for n, batch in enumerate(batches):
+                texts = [raw.text for raw in batch]
+                for raw in batch:
+                    raw.text = None  # the analysis holds the only copy now
+                if n == 1 and workers > 0 and "fork" in mp.get_all_start_methods():
+                    _WORKER_ANALYZER = self.analyzer
+                    pool = mp.get_context("fork").Pool(workers)
+                if pool is None:
+                    self.decide(batch, self.analyzer(texts), docs_out, entries_out)
+                    bar.update(len(batch))
+                    continue
+                inflight.append((batch, pool.apply_async(_analyze_in_worker, (texts,))))
+                while len(inflight) > 2 * workers:
+                    done, result = inflight.popleft()
+                    self.decide(done, result.get(), docs_out, entries_out)
+                    bar.update(len(done))
+            while inflight:
+                done, result = inflight.popleft()
+                self.decide(done, result.get(), docs_out, entries_out)
+                bar.update(len(done))
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+            _WORKER_ANALYZER = None
+
+    def decide(self, batch: list[RawDocument], a: dict, docs_out, entries_out) -> None:
+        """Sequential decisions for one analysed batch: exact duplicates, contamination, near duplicates."""
+        sigs, has, keys, hits = a["sigs"], a["has"], a["keys"], a["hits"]
         li = 0
-        for p in pend:
-            raw = p.raw
+        for k, raw in enumerate(batch):
+            self._unique_id(raw)
             stats = self.per_source[raw.source_name]
             stats["seen"] += 1
             self.seen += 1
+            digest, nbytes = a["digests"][k], a["bytes"][k]
+            reason = (raw.reason or "unreadable") if digest is None else a["reasons"][k]
             entry = {"id": raw.id, "source": raw.source, "source_name": raw.source_name, "license": raw.license,
-                     "sha256": p.digest.hex() if p.digest is not None else None,
-                     "bytes": len(p.encoded) if p.encoded is not None else None,
-                     "status": "dropped", "split": None, "reason": p.reason, "duplicate_of": None}
-            if p.encoded is not None:
-                stats["bytes_seen"] += len(p.encoded)
+                     "sha256": digest.hex() if digest is not None else None, "bytes": nbytes,
+                     "status": "dropped", "split": None, "reason": reason, "duplicate_of": None}
+            if nbytes is not None:
+                stats["bytes_seen"] += nbytes
             if raw.detail:
                 entry["detail"] = raw.detail
-            if p.reason is None:
+            if reason is None:
                 i, li = li, li + 1
-                dup = self.exact.get(p.digest)
+                dup = self.exact.get(digest)
                 if dup is not None:
                     entry.update(reason="exact_duplicate", duplicate_of=dup)
                 else:
-                    self.exact[p.digest] = raw.id
-                    near = None
+                    self.exact[digest] = raw.id
                     if hits[i]:
                         entry.update(reason="contaminated", contaminated_by=hits[i])
                         self.contam_matched.update(hits[i])
@@ -300,7 +372,7 @@ class _Stage:
                                          similarity=round(near[1], 4))
                             self.near_similarities.append(near[1])
                     if entry["reason"] is None:
-                        self._keep(p, entry, stats, docs_out)
+                        self._keep(raw, a["norm"][k], digest, nbytes, entry, stats, docs_out)
             if entry["status"] == "dropped":
                 self.reasons[entry["reason"]] += 1
                 stats["dropped"][entry["reason"]] += 1
@@ -316,18 +388,18 @@ class _Stage:
             raw.id = f"{raw.id}~{k}"
         self.ids.add(raw.id)
 
-    def _keep(self, p: _Pending, entry: dict, stats: dict, docs_out) -> None:
-        raw = p.raw
-        split = split_of(p.digest.hex(), self.cfg.val_fraction)
+    def _keep(self, raw: RawDocument, text: str, digest: bytes, nbytes: int, entry: dict, stats: dict,
+              docs_out) -> None:
+        split = split_of(digest.hex(), self.cfg.val_fraction)
         entry.update(status="kept", split=split)
         stats["kept"] += 1
         stats[split] += 1
-        stats["bytes_kept"] += len(p.encoded)
+        stats["bytes_kept"] += nbytes
         if split == "train":
             reps = train_repeats(self.weights[raw.source_name], self.recipe.seed, raw.id)
             entry["repeats"] = reps
-            self.train.append((raw.id, raw.source_name, p.digest, reps))
-        docs_out.write(canonical_json({"id": raw.id, "split": split, "text": p.text}).decode("utf-8"))
+            self.train.append((raw.id, raw.source_name, digest, reps))
+        docs_out.write(canonical_json({"id": raw.id, "split": split, "text": text}).decode("utf-8"))
         docs_out.write("\n")
 
 
@@ -354,12 +426,9 @@ def run_data(run: Run) -> dict:
     try:
         with AtomicFile(run.data / "documents.jsonl", "w") as docs_out, \
                 open(entries_path, "w", encoding="utf-8") as entries_out:
-            for src in cfg.sources:
-                bar = tqdm(desc=f"data {src.name}", unit="doc", leave=False, mininterval=1.0)
-                for batch in _batches(iter_source(src, cfg)):
-                    st.process(batch, docs_out, entries_out)
-                    bar.update(len(batch))
-                bar.close()
+            with tqdm(desc="data", unit="doc", leave=False, mininterval=1.0) as bar:
+                items = (item for src in cfg.sources for item in iter_source(src, cfg))
+                st.run_batches(_batches(items), docs_out, entries_out, bar)
             kept = sum(s["kept"] for s in st.per_source.values())
             if not kept:
                 raise UserError("data: no document survived cleaning; check data.sources and the filters "
@@ -641,7 +710,7 @@ def inspect(run: Run, doc: str | None = None, token: int | None = None, step: in
         i = stream.document_of(token)
         doc_id = stream.doc_ids[i]
         start, end = int(stream.offsets[i]), int(stream.offsets[i + 1])
-        lines = [f"token {token} is token {token - start} of {end - start} of the {i}th document in the stream"]
+        lines = [f"token {token} is token {token - start} of {end - start} (separator included) of stream document #{i}"]
         try:
             from glassforge.tokenizer import load_tokenizer
 

@@ -66,6 +66,8 @@ def run_shards(run: Run) -> dict:
     info: dict = {"dtype": dtype.name, "tokenizer_sha256": tokenizer_sha, "seed": recipe.seed,
                   "order_sha256": order_sha}
 
+    # encode_batch_fast skips character offsets we never use (about 1.4x faster); older tokenizers lack it.
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     # Pass 1: tokenize every kept document once, in documents.jsonl order, into a temporary file.
     tmp_path = run.data / ".tokens_by_document.tmp"
     index: dict[str, int] = {}  # id -> position in documents.jsonl
@@ -77,7 +79,7 @@ def run_shards(run: Run) -> dict:
             chunk: list[dict] = []
 
             def flush():
-                encs = tok.encode_batch([d["text"] for d in chunk], add_special_tokens=False)
+                encs = encode([d["text"] for d in chunk], add_special_tokens=False)
                 for d, enc in zip(chunk, encs):
                     ids = np.asarray(enc.ids, dtype=dtype)
                     tmp.write(ids.tobytes())

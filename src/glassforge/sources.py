@@ -21,6 +21,10 @@ manifest. Only problems with the recipe itself (a path that does not exist, an
 unknown kind, a file type we cannot read named directly) are `UserError`s, and
 `check_sources` raises them before any work starts.
 
+Document ids: `{source name}:{module.qualname}` (pystdlib), `{source
+name}:{relative path}` with `#L{line}` (JSON lines) or `#{index}` (JSON
+arrays, Parquet rows) for files, `{source name}:{split}#{index}` for hf.
+
 Memory is bounded per item: a line or file is read whole only below
 `MAX_ITEM_BYTES` (64 MiB); above that it is skipped in 1 MiB chunks and
 recorded as `too_large`. Parquet and Hugging Face datasets stream in batches.
@@ -31,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,10 +215,19 @@ def walk_files(root: Path) -> Iterator[tuple[str, Path]]:
     yield from found
 
 
+_UNSAFE_IN_ID = re.compile(r"[\s%#]")
+
+
+def id_path(rel: str) -> str:
+    """A relative path as it appears in a document id: whitespace, '%' and '#' percent-encoded (UTF-8),
+    so that ids never contain whitespace (order.txt is one id a line) and '#' only starts a record."""
+    return _UNSAFE_IN_ID.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8")), rel)
+
+
 def _iter_files(src: SourceConfig) -> Iterator[RawDocument]:
     root = Path(src.path)
     for rel, path in walk_files(root):
-        base_id = f"{src.name}:{rel}"
+        base_id = f"{src.name}:{id_path(rel)}"
         uri = path.resolve().as_uri() if path.exists() else "file://" + str(path.absolute())
         suffix = path.suffix.lower()
 
