@@ -929,7 +929,8 @@ def render_messages(engine: Engine, messages: list[ChatMessage], add_generation_
 
 
 def banner_text(host: str, port: int, model: str, api_key: str | None) -> str:
-    url = f"http://{host}:{port}/v1"
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, f"[{host}]" if ":" in host else host)
+    url = f"http://{shown}:{port}/v1"
     key = "$GLASSFORGE_API_KEY" if api_key else "none"
     auth = ' -H "Authorization: Bearer $GLASSFORGE_API_KEY"' if api_key else ""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
@@ -956,6 +957,15 @@ def serve(run: Path | str, host: str = "127.0.0.1", port: int = 8000, api_key: s
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: must be 0..65535")
+    import socket
+
+    try:  # fail before loading the model if the address is taken
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     engine = Engine(run, max_batch=max_batch, max_context=max_context, max_queue=max_queue)
     app = create_app(engine, api_key=api_key)
     model = app.state.server.model_name
