@@ -11,8 +11,9 @@ size under --work and reused.
 
 The tokenizer (byte-level BPE, 4096) is trained on a 5 MB sample first and not
 timed: the issue's stage is read, clean, dedup, tokenize, shard. The data stage
-and the shards stage each run in a fresh child process, so each one's peak
-resident memory (ru_maxrss) is its own. MB/s is input bytes on disk divided
+and the shards stage each run in a fresh child process; peak memory is the
+largest sum of proportional resident memory (PSS, so pages shared after fork
+count once) over that process and its workers, sampled every 0.2 s. MB/s is input bytes on disk divided
 by the two stages' wall time.
 
 --compare-dedup times the near-duplicate step alone, ours (glassforge.dedup)
@@ -27,7 +28,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -134,15 +134,44 @@ def child(stage: str, run_dir: Path) -> None:
         print(json.dumps(run_shards(run)))
 
 
+def _tree_rss_mb(pid: int) -> float:
+    """Proportional resident memory (PSS: a page shared by k processes counts 1/k in each) of a process
+    and all its descendants, from Linux /proc/PID/smaps_rollup."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
 def timed_child(stage: str, run_dir: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one stage in a fresh process."""
+    """(seconds, peak resident MB of the stage's process tree, sampled every 0.2 s) of one stage."""
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--child", stage, "--run", str(run_dir)],
                             env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"stage {stage} failed ({status})")
-    return time.perf_counter() - t, usage.ru_maxrss / 1024
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss_mb(proc.pid))
+        time.sleep(0.2)
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {stage} failed ({proc.returncode})")
+    return time.perf_counter() - t, peak
 
 
 def compare_dedup(corpus: Path, limit_mb: int = 20) -> None:
