@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -71,6 +72,7 @@ def wait_until(page, expression: str, timeout: float = 30.0) -> None:
 
 def save_artifact(page, tmp_path: Path, name: str) -> Path:
     path = tmp_path / name
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 1000
     where = os.environ.get("GLASSFORGE_ARTIFACTS")
@@ -170,6 +172,7 @@ def test_routes_on_a_folder_without_release_files(random_model):
         engine.close()
 
 
+@pytest.mark.slow
 def test_facts_of_a_real_release(tiny_run):
     facts = web.collect_facts(tiny_run)
     v = facts["verification"]
@@ -184,6 +187,7 @@ def test_facts_of_a_real_release(tiny_run):
     assert facts["trace_available"] == (tiny_run / "release" / "trace" / "index.json").is_file()
 
 
+@pytest.mark.slow
 def test_facts_report_a_changed_file(tiny_run, tmp_path):
     release = tmp_path / "release"
     shutil.copytree(tiny_run / "release", release)
@@ -279,6 +283,9 @@ def test_page_end_to_end(tiny_run, page, tmp_path):
         assert "licence PSF-2.0" in meta and "sha256" in meta
         assert docs.first.locator(".snippet mark").inner_text().strip()
         save_artifact(page, tmp_path, "web-trace.png")
+        page.set_viewport_size({"width": 1280, "height": 2400})  # the whole facts panel, curves included
+        save_artifact(page, tmp_path, "web-facts.png")
+        page.set_viewport_size({"width": 1280, "height": 900})
 
         # A reload keeps the conversation.
         page.reload()
@@ -297,7 +304,9 @@ def test_report_renders_with_plots(tiny_run, page, tmp_path):
 
     out = write_report(tiny_run, tmp_path / "report.html")
     text = out.read_text()
-    assert "http://" not in text and "https://" not in text and "<script" not in text
+    # Self-contained: no script, and nothing loaded from anywhere (URLs may appear as text, e.g. in-toto types).
+    assert "<script" not in text and "<link" not in text
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
     page.goto(out.as_uri())
     for heading in ("Training", "Data", "Evaluation", "Attestation"):
         assert page.locator(f"h2:text-is('{heading}')").count() == 1
@@ -313,8 +322,7 @@ def test_report_renders_with_plots(tiny_run, page, tmp_path):
     save_artifact(page, tmp_path, "report.png")
 
 
-@pytest.mark.slow
-def test_stop_button_ends_a_stream(tiny_run, page, tmp_path):
+def test_stop_button_ends_a_stream(random_model, page):
     """A slow fake stream behind the real page: the Stop button aborts it and the server sees the disconnect."""
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
@@ -339,7 +347,7 @@ def test_stop_button_ends_a_stream(tiny_run, page, tmp_path):
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    web.mount(app, tiny_run, {"model": "fake"}, verify=False)
+    web.mount(app, random_model, {"model": "fake"}, verify=False)
     srv = LiveServer(app)
     try:
         page.goto(srv.root + "/")
@@ -361,15 +369,14 @@ def test_stop_button_ends_a_stream(tiny_run, page, tmp_path):
         srv.stop()
 
 
-@pytest.mark.slow
-def test_api_key_field(tiny_run, page, monkeypatch):
+def test_api_key_field(random_model, page, monkeypatch):
     """With --api-key the page asks for the key, keeps it in the browser and sends it as a Bearer token."""
     from glassforge import serve
     from glassforge.engine import Engine
 
     # Until serve.py's key check asks web.is_public_path, let the page itself through here.
     monkeypatch.setattr(serve, "PUBLIC_PATHS", serve.PUBLIC_PATHS | {"/", "/static/app.js", "/static/style.css"})
-    engine = Engine(tiny_run, max_batch=2)
+    engine = Engine(random_model, max_batch=2)
     srv, _ = serve_release(engine, api_key="sesame", verify=False)
     try:
         assert httpx.get(srv.root + "/facts").status_code == 401

@@ -317,17 +317,23 @@ function renderTrace(container, text, result) {
     const which = result.spans.findIndex((s) => s.start <= a && s.end >= b);
     if (which < 0) { traced.appendChild(document.createTextNode(piece)); continue; }
     const s = result.spans[which];
-    const btn = document.createElement("button");
-    btn.type = "button";
+    // A <mark> acting as a button keeps the text flowing inline (a <button> would be a box).
+    const btn = document.createElement("mark");
     btn.className = "span";
+    btn.tabIndex = 0;
+    btn.setAttribute("role", "button");
     btn.dataset.span = String(which);
     btn.setAttribute("aria-pressed", "false");
     btn.setAttribute("aria-label", `${piece}: span ${which + 1}, ${plural(s.tokens, "token")}, ` +
       `${plural(s.occurrences, "occurrence")} in ${plural(s.document_count, "document")}`);
     btn.textContent = piece;
-    btn.addEventListener("click", () => {
+    const open = () => {
       for (const other of buttons) other.setAttribute("aria-pressed", String(other.dataset.span === String(which)));
       showDocuments(docs, s);
+    };
+    btn.addEventListener("click", open);
+    btn.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" || e.key === " ") { e.preventDefault(); open(); }
     });
     buttons.push(btn);
     traced.appendChild(btn);
@@ -339,7 +345,8 @@ function showDocuments(container, span) {
   container.replaceChildren();
   const more = span.documents_exact ? "" : "+";
   const h = document.createElement("h3");
-  h.textContent = `“${span.text}”: ${plural(span.tokens, "token")}, ${plural(span.occurrences, "occurrence")} in ` +
+  const quoted = span.text.length > 120 ? span.text.slice(0, 119) + "…" : span.text;
+  h.textContent = `“${quoted}”: ${plural(span.tokens, "token")}, ${plural(span.occurrences, "occurrence")} in ` +
     `${span.document_count.toLocaleString("en")}${more} training document${span.document_count === 1 ? "" : "s"}` +
     (span.documents.length < span.document_count ? ` (showing ${span.documents.length})` : "");
   h.tabIndex = -1;
