@@ -38,7 +38,7 @@ Results leave the engine as `Event`s through a callback the caller supplies
 from __future__ import annotations
 
 import collections
-import math
+import os
 import queue
 import random
 import threading
@@ -53,6 +53,9 @@ import torch.nn.functional as F
 
 from glassforge.errors import UserError
 from glassforge.model import KVCache, Llama, apply_rope, rope_tables
+
+
+PREFILL_PARALLEL_TOKENS = 128  # prompts at least this long are prefilled with every intra-op thread
 
 
 class QueueFull(Exception):
@@ -235,7 +238,8 @@ class Engine:
     """Continuous-batching generation over one model; thread-safe `submit`."""
 
     def __init__(self, folder: Path | str, max_batch: int = 16, max_context: int | None = None,
-                 max_queue: int | None = None, dtype: torch.dtype = torch.float32):
+                 max_queue: int | None = None, dtype: torch.dtype = torch.float32,
+                 decode_threads: int | None = None):
         from glassforge.generate import resolve_release
         from glassforge.tokenizer import END, ENDOFTEXT, chat_template_of, load_tokenizer
 
@@ -260,6 +264,12 @@ class Engine:
         self.max_queue = max_queue if max_queue is not None else max(64, 8 * max_batch)
         self.cache = KVCache(self.cfg, max_batch, max_context, dtype=dtype)
         self.fast = FastPath(self.model, max_context)
+        # Threads: decode steps are many small operations, where a second intra-op thread mostly waits
+        # for the scheduler (on 2 shared cores, and with the HTTP side needing a core, one thread was
+        # several times faster, see docs/PERFORMANCE.md); long prompts are big matmuls and get them all.
+        self.all_threads = torch.get_num_threads()
+        env_threads = os.environ.get("GLASSFORGE_DECODE_THREADS")
+        self.decode_threads = decode_threads or (int(env_threads) if env_threads else 1)
         self.free_slots = list(range(max_batch - 1, -1, -1))  # popped from the end: lowest first
         self.running: list[Sequence] = []
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -410,6 +420,7 @@ class Engine:
             self._closed = True
             self.cond.notify()
         self.thread.join(timeout=10)
+        torch.set_num_threads(self.all_threads)  # the setting is process-wide: give it back
 
     @torch.inference_mode()
     def embed(self, batch: list[list[int]]) -> list[list[float]]:
@@ -506,6 +517,7 @@ class Engine:
         first = group[0]
         T = len(first.prompt_ids)
         want_all = first.params.prompt_logprobs is not None
+        torch.set_num_threads(self.all_threads if T >= PREFILL_PARALLEL_TOKENS else self.decode_threads)
         logits = self.fast.prefill(first.prompt_ids, self.cache, first.slot, want_all)
         for s in group[1:]:  # the other choices of the same prompt: copy the cache rows
             self.cache.k[:, s.slot, :, :T] = self.cache.k[:, first.slot, :, :T]
@@ -547,6 +559,7 @@ class Engine:
             tokens[s.slot] = s.out_ids[-1]
             positions[s.slot] = s.position
         # free slots below S ride along as dummy rows at position 0 (their cache is rewritten on admission)
+        torch.set_num_threads(self.decode_threads)
         all_logits = self.fast.decode(torch.tensor(tokens), torch.tensor(positions), self.cache)
         logits = all_logits[torch.tensor([s.slot for s in batch])]
         self.decode_time += time.perf_counter() - t0
