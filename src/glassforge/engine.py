@@ -31,6 +31,15 @@ output, and any text that could still be the start of a stop string is held
 back until it is known not to be one: nothing of a stop ever leaks into a
 stream.
 
+`response_format` JSON is constrained decoding with llguidance (imported only
+when asked for): each step, tokens that cannot continue a valid prefix are
+masked out before sampling, and the sequence stops when the grammar is done.
+
+The forward passes do not go through `Llama.forward_cached` but through
+`FastPath` (same weights and arithmetic, fewer and larger operations), and
+decode steps run on one intra-op thread: on two shared cores a second thread
+spent most of each small operation waiting to be scheduled.
+
 Results leave the engine as `Event`s through a callback the caller supplies
 (the server hands events to its event loop with `call_soon_threadsafe`).
 """
