@@ -14,7 +14,8 @@ timed: the issue's stage is read, clean, dedup, tokenize, shard. The data stage
 and the shards stage each run in a fresh child process; peak memory is the
 largest sum of proportional resident memory (PSS, so pages shared after fork
 count once) over that process and its workers, sampled every 0.2 s. MB/s is input bytes on disk divided
-by the two stages' wall time.
+by the two stage functions' wall time (`run_data`, `run_shards`; interpreter
+start and imports, which a build pays once, are left out).
 
 --compare-dedup times the near-duplicate step alone, ours (glassforge.dedup)
 against datasketch's MinHash.update_batch + MinHashLSH with the same
@@ -111,7 +112,12 @@ def child(stage: str, run_dir: Path) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     from glassforge.runfolder import Run
 
+    import glassforge.data  # noqa: F401  (imports, torch included via recipe.py, are not the stage's work)
+    import glassforge.shards  # noqa: F401
+
     run = Run(run_dir)
+    run.load_recipe()
+    t = time.perf_counter()
     if stage == "data":
         from glassforge.data import run_data
 
@@ -132,6 +138,7 @@ def child(stage: str, run_dir: Path) -> None:
         from glassforge.shards import run_shards
 
         print(json.dumps(run_shards(run)))
+    print(json.dumps({"stage_seconds": time.perf_counter() - t}))
 
 
 def _tree_rss_mb(pid: int) -> float:
@@ -161,17 +168,19 @@ def _tree_rss_mb(pid: int) -> float:
 
 
 def timed_child(stage: str, run_dir: Path) -> tuple[float, float]:
-    """(seconds, peak resident MB of the stage's process tree, sampled every 0.2 s) of one stage."""
-    t = time.perf_counter()
+    """(seconds in the stage function, peak resident MB of the stage's process tree, sampled every 0.2 s)."""
     proc = subprocess.Popen([sys.executable, __file__, "--child", stage, "--run", str(run_dir)],
-                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, stdout=subprocess.PIPE, text=True)
     peak = 0.0
     while proc.poll() is None:
         peak = max(peak, _tree_rss_mb(proc.pid))
         time.sleep(0.2)
-    if proc.returncode != 0:
+    out = proc.stdout.read().strip().splitlines()
+    if proc.returncode != 0 or not out:
         raise SystemExit(f"stage {stage} failed ({proc.returncode})")
-    return time.perf_counter() - t, peak
+    for line in out[:-1]:
+        print(line)
+    return json.loads(out[-1])["stage_seconds"], peak
 
 
 def compare_dedup(corpus: Path, limit_mb: int = 20) -> None:
