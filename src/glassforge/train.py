@@ -647,7 +647,7 @@ def train(
                 opt.zero_grad(set_to_none=True)
             loss_value = float(_all_reduce(loss_sum, dist_info)) / n_targets
             if not math.isfinite(loss_value):
-                raise RuntimeError(f"{label}: loss became {loss_value} at step {step + 1}; lower the learning rate")
+                raise UserError(f"{label}: loss became {loss_value} at step {step + 1}; lower {label}.lr")
             dt = time.perf_counter() - t0
             tok_s = tokens_per_step / dt
             mfu = tok_s * flops_tok / peak
