@@ -192,7 +192,9 @@ class FastPath:
         self.gqa = cfg.n_heads != cfg.n_kv_heads
 
     def _norm(self, x, w):
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.cfg.norm_eps).to(x.dtype) * w
+        if x.dtype == torch.float32:  # one fused operation
+            return F.rms_norm(x, (x.shape[-1],), w, self.cfg.norm_eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.cfg.norm_eps).to(x.dtype) * w  # as HF does
 
     def _mlp(self, x, w_gu, w_down):
         gate, up = F.linear(x, w_gu).chunk(2, dim=-1)
@@ -570,7 +572,8 @@ class Engine:
         # free slots below S ride along as dummy rows at position 0 (their cache is rewritten on admission)
         torch.set_num_threads(self.decode_threads)
         all_logits = self.fast.decode(torch.tensor(tokens), torch.tensor(positions), self.cache)
-        logits = all_logits[torch.tensor([s.slot for s in batch])]
+        slots = [s.slot for s in batch]
+        logits = all_logits if slots == list(range(S)) else all_logits[torch.tensor(slots)]
         self.decode_time += time.perf_counter() - t0
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(batch)
