@@ -1,9 +1,23 @@
-"""The `release` stage: a folder anyone can load with the tools they already have.
+"""The `release` stage: a folder anyone can load with the tools they already have, and check.
 
 Hugging Face layout: `config.json` (LlamaForCausalLM), `model.safetensors`,
 `generation_config.json`, the tokenizer files with the chat template, a model
-card `README.md`, `metrics.jsonl`, `loss.png`, and `manifest.json`: the sha256
-and size of every file, so any change to any file is detectable.
+card `README.md`, `DATA_CARD.md`, `metrics.jsonl`, `loss.png`, `recipe.toml`,
+`manifest.json` (the sha256 and size of every file) and `attestation.json`, an
+in-toto Statement binding the weights to their data, recipe, code and
+checkpoints (see attest.py), optionally signed (`attestation.dsse.json`).
+
+Replay: for each training stage (pretrain, sft) the release also carries the
+checkpoint that starts its last kept interval (`replay/STAGE/step_N/`: weights,
+optimiser and trainer state, a few times the model's size), so `glassforge
+verify --replay --data RUN` can re-train those intervals from the documents
+alone and compare the results bit for bit with the attested checkpoints; the
+fine-tuning interval ends at the released weights themselves. With fewer than
+two kept checkpoints a stage replays from step 0 (fine-tuning then needs
+pretraining's final weights, carried as `replay/sft/init/model.safetensors`).
+
+Nothing here or in `verify` loads pickle or uses `torch.load`: weights and
+optimiser state are safetensors, everything else is JSON or text.
 """
 
 from __future__ import annotations
@@ -15,7 +29,8 @@ from pathlib import Path
 from glassforge import __version__
 from glassforge.errors import UserError
 from glassforge.model import Llama, ModelConfig
-from glassforge.runfolder import Run, atomic_write_dir, atomic_write_json, atomic_write_text, sha256_file
+from glassforge.runfolder import (Run, atomic_write_bytes, atomic_write_dir, atomic_write_json, atomic_write_text,
+                                  canonical_json, sha256_bytes, sha256_file)
 
 
 def write_model_folder(folder: Path, model_cfg: ModelConfig, weights: Path, tokenizer_dir: Path) -> None:
@@ -33,9 +48,10 @@ def write_model_folder(folder: Path, model_cfg: ModelConfig, weights: Path, toke
 
 
 def file_manifest(folder: Path) -> dict:
+    """sha256 and size of every file under folder except the top-level manifest.json."""
     files = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != "manifest.json":
+        if p.is_file() and p.relative_to(folder).as_posix() != "manifest.json":
             files[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return files
 
@@ -130,7 +146,19 @@ def model_card(run: Run, stage: str) -> str:
         "print(tok.decode(model.generate(ids, max_new_tokens=64)[0]))",
         "```",
         "",
-        "Or serve it with an OpenAI-compatible API: `glassforge serve path/to/release`.",
+        "Or serve it with an OpenAI-compatible API: `glassforge serve path/to/release`, or export it for "
+        "llama.cpp: `glassforge export path/to/release --format gguf --out model.gguf`.",
+        "",
+        "## Verify it",
+        "",
+        "`manifest.json` holds the sha256 of every file here; `attestation.json` is an in-toto Statement whose "
+        "subject is the weights and whose predicate binds the data's Merkle root, the data order, the tokenizer, "
+        "the recipe, the code version, the dependency lock and the chain of kept checkpoints.",
+        "",
+        "```",
+        "glassforge verify path/to/release                          # every file and every link",
+        "glassforge verify path/to/release --data RUN --replay      # also the documents, and re-train the last interval",
+        "```",
         "",
         "## Intended use and limits",
         "",
@@ -142,9 +170,122 @@ def model_card(run: Run, stage: str) -> str:
     return "\n".join(lines)
 
 
-def run_release(run: Run) -> dict:
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: missing; run the stage that writes it first")
+    return json.loads(path.read_text())
+
+
+def folder_sha256(folder: Path) -> str | None:
+    """One hash for a folder: of the sorted map of its files' relative paths to their sha256."""
+    if not folder.is_dir():
+        return None
+    return sha256_bytes(canonical_json({p.relative_to(folder).as_posix(): sha256_file(p)
+                                        for p in sorted(folder.rglob("*")) if p.is_file()}))
+
+
+def _trained(folder: Path) -> dict | None:
+    from glassforge.train import list_checkpoints
+
+    ckpts = list_checkpoints(folder)
+    if not ckpts:
+        return None
+    meta = json.loads((ckpts[-1][1] / "trainer.json").read_text())
+    return {"steps": meta["step"], "tokens": meta.get("tokens")}
+
+
+def replay_intervals(run: Run) -> list[dict]:
+    """Per training stage, the last kept interval: the checkpoint it starts from and the one it must reach."""
+    from glassforge.train import list_checkpoints
+
+    intervals = []
+    for stage in ("pretrain", "sft"):
+        ckpts = list_checkpoints(run.root / stage)
+        if not ckpts:
+            continue
+        start = ckpts[-2] if len(ckpts) >= 2 else None
+        entry = {"stage": stage, "from_step": start[0] if start else 0, "to_step": ckpts[-1][0],
+                 "start_checkpoint": f"replay/{stage}/step_{start[0]:07d}" if start else None,
+                 "init_weights": None}
+        if start is None and stage == "sft":  # from step 0, fine-tuning starts from pretraining's weights
+            entry["init_weights"] = "replay/sft/init/model.safetensors"
+        intervals.append(entry)
+    return intervals
+
+
+def _copy_replay_files(run: Run, tmp: Path, intervals: list[dict]) -> None:
+    from glassforge.train import list_checkpoints
+
+    for it in intervals:
+        if it["start_checkpoint"]:
+            src = run.root / it["stage"] / "checkpoints" / Path(it["start_checkpoint"]).name
+            dest = tmp / it["start_checkpoint"]
+            dest.mkdir(parents=True)
+            for name in ("model.safetensors", "optimizer.safetensors", "trainer.json"):
+                shutil.copyfile(src / name, dest / name)
+        if it["init_weights"]:
+            (tmp / it["init_weights"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(list_checkpoints(run.pretrain)[-1][1] / "model.safetensors", tmp / it["init_weights"])
+
+
+def attestation_predicate(run: Run, replay: list[dict], manifest_sha256: str, trace_sha256: str | None) -> dict:
+    """Everything the attestation binds, read from the run folder."""
+    from glassforge.attest import checkpoint_chain, code_version, dependency_lock, platform_info
+    from glassforge.data import load_manifest
+    from glassforge.train import list_checkpoints
+
+    recipe = run.load_recipe()
+    data_manifest = load_manifest(run)
+    data_manifest.pop("documents", None)
+    merkle = data_manifest.get("merkle") or {}
+    if not merkle.get("mix"):
+        raise UserError(f"{run.data}/manifest.json: has no Merkle roots (made by an older glassforge); "
+                        f"run `glassforge data {run.root}` again")
+    shards = _read_json(run.data / "shards.json")
+    tokenizer_sha = sha256_file(run.tokenizer / "tokenizer.json")
+    if shards.get("tokenizer_sha256") != tokenizer_sha:
+        raise UserError(f"{run.data}/shards.json: made with another tokenizer than {run.tokenizer}; "
+                        f"run `glassforge shards {run.root}` again")
+    order_sha = data_manifest.get("order_sha256")
+    if shards.get("order_sha256") != order_sha:
+        raise UserError(f"{run.data}/shards.json: made from another order.txt than the manifest's; "
+                        f"run `glassforge shards {run.root}` again")
+    stages = [(name, list_checkpoints(run.root / name)) for name in ("pretrain", "sft")]
+    stages = [(name, ckpts) for name, ckpts in stages if ckpts]
+    return {
+        "recipe": {"name": recipe.name, "sha256": recipe.hash(), "file": "recipe.toml"},
+        "data": {"mix_merkle_root": merkle["mix"], "source_merkle_roots": merkle.get("sources", {}),
+                 "merkle_construction": merkle.get("construction"), "merkle_leaves": merkle.get("leaves"),
+                 "order_sha256": order_sha, "seed": data_manifest.get("seed", recipe.seed),
+                 "train_order_entries": len(shards.get("train", {}).get("documents", [])),
+                 "train_tokens": shards.get("train", {}).get("tokens")},
+        "tokenizer": {"sha256": tokenizer_sha, "file": "tokenizer.json"},
+        "code": code_version(),
+        "dependency_lock": dependency_lock(),
+        "platform": platform_info(),
+        "training": {name: _trained(run.root / name) for name, _ in stages},
+        "checkpoints": checkpoint_chain(stages),
+        "replay": replay,
+        "trace_index": {"sha256": trace_sha256, "folder": "trace"} if trace_sha256 else None,
+        "release": {"manifest_sha256": manifest_sha256},
+    }
+
+
+def run_release(run: Run, sign_key: Path | None = None) -> dict:
+    """Assemble RUN/release/: the model in Hugging Face layout, cards, manifest and attestation.
+
+    For each training stage the release carries the checkpoint that starts its
+    last kept interval (weights, optimiser and trainer state, under replay/), so
+    `glassforge verify --replay --data RUN` needs only the documents.
+    """
+    from glassforge.attest import SIGNED_FILES, sign, statement, statement_bytes
+    from glassforge.data import write_data_card
+
     recipe = run.load_recipe()
     stage, weights = final_weights(run)
+    if sign_key is not None:
+        sign(b"", Path(sign_key))  # a bad key fails now, before any work
+    replay = replay_intervals(run)
 
     def fill(tmp: Path) -> None:
         write_model_folder(tmp, recipe.model, weights, run.tokenizer)
@@ -159,10 +300,28 @@ def run_release(run: Run) -> dict:
             if (run.root / src_stage / "loss.png").is_file():
                 shutil.copyfile(run.root / src_stage / "loss.png", tmp / ("loss.png" if src_stage == "pretrain" else "sft_loss.png"))
         atomic_write_text(tmp / "README.md", model_card(run, stage))
+        write_data_card(run, tmp)  # DATA_CARD.md and its figure, by the data stage
         atomic_write_text(tmp / "recipe.toml", run.recipe.read_text())
+        _copy_replay_files(run, tmp, replay)
+        trace_sha = None
+        try:
+            from glassforge import trace
+        except ImportError:
+            trace = None
+        if getattr(trace, "build_index", None) is not None and (run.data / "shards.json").is_file():
+            trace.build_index(run.data, tmp / "trace")
+            trace_sha = folder_sha256(tmp / "trace")
+        files = {k: v for k, v in file_manifest(tmp).items() if k not in SIGNED_FILES}
         atomic_write_json(tmp / "manifest.json", {"glassforge_version": __version__, "recipe_sha256": recipe.hash(),
-                                                  "files": file_manifest(tmp)})
+                                                  "weights_from": stage, "files": files})
+        predicate = attestation_predicate(run, replay, sha256_file(tmp / "manifest.json"), trace_sha)
+        payload = statement_bytes(statement(files["model.safetensors"]["sha256"], predicate))
+        atomic_write_bytes(tmp / "attestation.json", payload)
+        if sign_key is not None:
+            envelope, public = sign(payload, Path(sign_key))
+            atomic_write_json(tmp / "attestation.dsse.json", envelope)
+            atomic_write_bytes(tmp / "signing_key.pub", public)
 
     atomic_write_dir(run.release, fill)
     return {"release": str(run.release), "weights_from": stage,
-            "model_sha256": sha256_file(run.release / "model.safetensors")}
+            "model_sha256": sha256_file(run.release / "model.safetensors"), "signed": sign_key is not None}

@@ -1,0 +1,247 @@
+"""The attestation: one signed statement of what the released weights came from.
+
+`attestation.json` is an in-toto Statement v1 (https://in-toto.io/Statement/v1).
+Its subject is `model.safetensors` by sha256; its predicate binds the data
+mix's Merkle root (and each source's, as the data stage computed them over the
+training order: see `glassforge.data.merkle_root`), the data-order hash, the tokenizer's hash, the resolved
+recipe's hash, the code version, the dependency lock's hash, the steps and
+tokens trained, the chain of kept checkpoints, and the hash of the release's
+`manifest.json` (which lists the sha256 of every other file). So one digest
+reaches every byte of the release: signature -> statement -> manifest -> files.
+
+The checkpoint chain is a hash chain: each kept checkpoint's `link` is the
+sha256 of its own hashes and the previous checkpoint's link, across stages (the
+first fine-tuning checkpoint links to pretraining's last), so dropping,
+reordering or swapping a checkpoint breaks every link after it.
+
+Signing is optional and uses a DSSE envelope (`attestation.dsse.json`): an
+ed25519 signature over the pre-authentication encoding of the exact bytes of
+`attestation.json`. Make a key with `openssl genpkey -algorithm ed25519 -out
+key.pem` (or `write_keypair` here); publish the public half.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+from glassforge.errors import UserError
+from glassforge.runfolder import atomic_write_bytes, canonical_json, sha256_bytes, sha256_file
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://glassforge.dev/attestation/training/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+SIGNED_FILES = ("attestation.json", "attestation.dsse.json", "signing_key.pub")  # not in manifest.json
+
+
+# --------------------------------------------------------------------------- provenance pieces
+
+def repo_root() -> Path:
+    """The source checkout this package runs from (src/glassforge -> repo root)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def source_sha256() -> str:
+    """One hash of the package's own source (.py files and built-in recipes): the code that ran,
+    committed or not."""
+    pkg = Path(__file__).resolve().parent
+    files = sorted(p for p in pkg.rglob("*") if p.is_file() and p.suffix in (".py", ".toml")
+                   and "__pycache__" not in p.parts)
+    return sha256_bytes(canonical_json({p.relative_to(pkg).as_posix(): sha256_file(p) for p in files}))
+
+
+def code_version() -> dict:
+    from glassforge import __version__
+
+    info: dict = {"package": "glassforge", "version": __version__, "source_sha256": source_sha256(),
+                  "git_commit": None, "git_dirty": None}
+    root = repo_root()
+    if (root / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, timeout=10)
+            if commit.returncode == 0:
+                info["git_commit"] = commit.stdout.strip()
+                status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                        capture_output=True, text=True, timeout=30)
+                info["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    if info["git_commit"] is None:
+        info["reason"] = "not running from a git checkout"
+    return info
+
+
+def dependency_lock() -> dict:
+    path = repo_root() / "constraints.txt"
+    if path.is_file():
+        return {"file": "constraints.txt", "sha256": sha256_file(path)}
+    return {"file": "constraints.txt", "sha256": None,
+            "reason": "glassforge is installed without its source checkout; constraints.txt not found"}
+
+
+def platform_info() -> dict:
+    """What bit-for-bit replay depends on besides the inputs: software, processor, threads."""
+    import torch
+
+    from glassforge.train import cpu_threads
+
+    cpu = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+            "system": platform.system(), "cpu": cpu, "cpu_threads": cpu_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def chain_link(prev: str | None, entry: dict) -> str:
+    body = {k: entry[k] for k in ("stage", "step", "model_sha256", "optimizer_sha256", "trainer_sha256")}
+    return sha256_bytes(canonical_json({"prev": prev, **body}))
+
+
+def checkpoint_chain(stages: list[tuple[str, list[tuple[int, Path]]]]) -> list[dict]:
+    """Every kept checkpoint, in training order, each linked to the one before."""
+    chain, prev = [], None
+    for stage, ckpts in stages:
+        for step, path in ckpts:
+            entry = {"stage": stage, "step": step, "model_sha256": sha256_file(path / "model.safetensors"),
+                     "optimizer_sha256": sha256_file(path / "optimizer.safetensors"),
+                     "trainer_sha256": sha256_file(path / "trainer.json")}
+            entry["link"] = prev = chain_link(prev, entry)
+            chain.append(entry)
+    return chain
+
+
+def check_chain(chain: list[dict]) -> str | None:
+    """None if every link is right, else the first broken one, described."""
+    prev = None
+    for i, entry in enumerate(chain):
+        try:
+            link = chain_link(prev, entry)
+        except (KeyError, TypeError):
+            return f"checkpoint {i} is missing a field"
+        if entry.get("link") != link:
+            return f"{entry.get('stage')} step {entry.get('step')}: link does not follow from the entries before it"
+        prev = link
+    return None
+
+
+# --------------------------------------------------------------------------- the statement
+
+def statement(weights_sha256: str, predicate: dict, weights_name: str = "model.safetensors") -> dict:
+    return {"_type": STATEMENT_TYPE,
+            "subject": [{"name": weights_name, "digest": {"sha256": weights_sha256}}],
+            "predicateType": PREDICATE_TYPE,
+            "predicate": predicate}
+
+
+def statement_bytes(stmt: dict) -> bytes:
+    return (json.dumps(stmt, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# --------------------------------------------------------------------------- signing (DSSE, ed25519)
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE's pre-authentication encoding: what is actually signed."""
+    t = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
+
+
+def _load_private_key(path: Path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--sign-key {path}: no such file")
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"--sign-key {path}: not an unencrypted PEM private key ({e})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise UserError(f"--sign-key {path}: not an ed25519 key (make one: openssl genpkey -algorithm ed25519)")
+    return key
+
+
+def load_public_key(path: Path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--public-key {path}: no such file")
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except ValueError as e:
+        raise UserError(f"--public-key {path}: not a PEM public key ({e})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise UserError(f"--public-key {path}: not an ed25519 public key")
+    return key
+
+
+def _raw_public(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(public_key) -> str:
+    return "sha256:" + sha256_bytes(_raw_public(public_key))
+
+
+def public_pem(public_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def sign(payload: bytes, key_path: Path) -> tuple[dict, bytes]:
+    """A DSSE envelope over payload, and the signer's public key (PEM)."""
+    key = _load_private_key(key_path)
+    pub = key.public_key()
+    envelope = {"payloadType": PAYLOAD_TYPE,
+                "payload": base64.b64encode(payload).decode("ascii"),
+                "signatures": [{"keyid": key_id(pub),
+                                "sig": base64.b64encode(key.sign(pae(PAYLOAD_TYPE, payload))).decode("ascii")}]}
+    return envelope, public_pem(pub)
+
+
+def verify_envelope(envelope: dict, payload: bytes, public_key) -> str | None:
+    """None if the envelope holds payload and a valid signature by public_key, else why not."""
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        if envelope.get("payloadType") != PAYLOAD_TYPE:
+            return f"payloadType is {envelope.get('payloadType')!r}, not {PAYLOAD_TYPE}"
+        if base64.b64decode(envelope["payload"]) != payload:
+            return "the signed payload is not attestation.json as it stands"
+        kid = key_id(public_key)
+        sigs = [s for s in envelope.get("signatures", []) if s.get("keyid") == kid]
+        if not sigs:
+            return f"no signature by key {kid}"
+        public_key.verify(base64.b64decode(sigs[0]["sig"]), pae(PAYLOAD_TYPE, payload))
+    except InvalidSignature:
+        return "the signature does not verify"
+    except (KeyError, TypeError, ValueError) as e:
+        return f"malformed envelope ({e})"
+    return None
+
+
+def write_keypair(private_path: Path, public_path: Path) -> str:
+    """A fresh ed25519 key pair as PEM files; returns the key id."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    atomic_write_bytes(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    atomic_write_bytes(public_path, public_pem(key.public_key()))
+    return key_id(key.public_key())

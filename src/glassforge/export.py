@@ -1,0 +1,184 @@
+"""`glassforge export RELEASE --format gguf`: the release as one GGUF file for llama.cpp.
+
+Written with the `gguf` package under llama.cpp's Llama conventions:
+`general.architecture = llama`, the `llama.*` hyperparameters, the byte-level
+BPE vocabulary as `tokenizer.ggml.model = gpt2` (tokens, merges, token types,
+the GPT-2 pre-tokenizer, which is the one our tokenizer uses), the chat
+template and the end-of-turn tokens; tensors under llama.cpp's names
+(`token_embd`, `blk.N.attn_q`, ...), all in fp32 so nothing is lost.
+
+One real difference: our RoPE (Hugging Face's) rotates the first half of each
+head against the second half, while llama.cpp's Llama RoPE rotates adjacent
+pairs. The query and key projections are therefore permuted within each head,
+rows [0, h/2, 1, h/2+1, ...], which makes llama.cpp's pairs exactly our pairs;
+attention scores are unchanged because q and k move together.
+
+Weights are read with safetensors (never pickle), and refused if they do not
+match the release's manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from glassforge.errors import UserError
+from glassforge.runfolder import sha256_file
+
+
+def permute_for_llamacpp(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a q/k projection from rotate-half order to llama.cpp's adjacent-pair order."""
+    rows = w.shape[0]
+    hd = rows // n_heads
+    return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_from_llamacpp(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of permute_for_llamacpp."""
+    rows = w.shape[0]
+    hd = rows // n_heads
+    return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tensor_name_map(n_layers: int) -> dict[str, str]:
+    """Hugging Face Llama tensor name -> llama.cpp GGUF tensor name."""
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
+    for i in range(n_layers):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    return names
+
+
+def _vocab(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[int], list[str], set[str]]:
+    import gguf
+
+    model = tokenizer_json.get("model", {})
+    if model.get("type") != "BPE":
+        raise UserError(f"tokenizer.json: model type {model.get('type')!r}; GGUF export handles byte-level BPE only")
+    by_id = {i: t for t, i in model["vocab"].items()}
+    special = set()
+    for added in tokenizer_json.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        if added.get("special"):
+            special.add(added["content"])
+    if max(by_id) >= vocab_size:
+        raise UserError(f"tokenizer has token id {max(by_id)} but the model's vocabulary is {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in by_id:
+            tokens.append(by_id[i])
+            types.append(int(gguf.TokenType.CONTROL if by_id[i] in special else gguf.TokenType.NORMAL))
+        else:  # the model has rows the tokenizer never produces
+            tokens.append(f"[PAD{i}]")
+            types.append(int(gguf.TokenType.UNUSED))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return tokens, types, merges, special
+
+
+def export_gguf(release: Path, out: Path) -> dict:
+    """Write release (a Hugging Face-layout glassforge release) as a GGUF file at out."""
+    import gguf
+    from safetensors import safe_open
+
+    from glassforge.model import ModelConfig
+    from glassforge.tokenizer import END, ENDOFTEXT, PAD
+
+    from glassforge.generate import resolve_release
+
+    release, out = resolve_release(release), Path(out)  # a run folder means its release/
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        if not (release / name).is_file():
+            raise UserError(f"{release}: not a release folder (no {name}); build one with `glassforge release RUN`")
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file name such as model.gguf")
+    weights_sha = sha256_file(release / "model.safetensors")
+    manifest_path = release / "manifest.json"
+    if manifest_path.is_file():
+        listed = json.loads(manifest_path.read_text()).get("files", {}).get("model.safetensors", {}).get("sha256")
+        if listed and listed != weights_sha:
+            raise UserError(f"{release}/model.safetensors: sha256 {weights_sha[:12]}... does not match manifest.json "
+                            f"({listed[:12]}...); run `glassforge verify {release}`")
+    hf_cfg = json.loads((release / "config.json").read_text())
+    if hf_cfg.get("model_type") != "llama":
+        raise UserError(f"{release}/config.json: model_type {hf_cfg.get('model_type')!r}, expected 'llama'")
+    cfg = ModelConfig.from_hf(hf_cfg)
+    tok_json = json.loads((release / "tokenizer.json").read_text())
+    tok_cfg = json.loads((release / "tokenizer_config.json").read_text())
+    tokens, types, merges, _ = _vocab(tok_json, cfg.vocab_size)
+    ids = {t: i for i, t in enumerate(tokens)}
+
+    names = tensor_name_map(cfg.n_layers)
+    tensors: list[tuple[str, np.ndarray]] = []
+    with safe_open(str(release / "model.safetensors"), framework="np") as f:
+        keys = set(f.keys())
+        unknown = sorted(keys - set(names))
+        if unknown:
+            raise UserError(f"{release}/model.safetensors: tensor {unknown[0]} is not part of a Llama model")
+        for hf_name, gg_name in names.items():
+            if hf_name not in keys:
+                if hf_name == "lm_head.weight":
+                    continue  # tied: llama.cpp reuses token_embd.weight for the output
+                raise UserError(f"{release}/model.safetensors: no tensor {hf_name}")
+            w = np.ascontiguousarray(f.get_tensor(hf_name), dtype=np.float32)
+            if hf_name.endswith("q_proj.weight"):
+                w = permute_for_llamacpp(w, cfg.n_heads)
+            elif hf_name.endswith("k_proj.weight"):
+                w = permute_for_llamacpp(w, cfg.n_kv_heads)
+            tensors.append((gg_name, w))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, arch="llama")
+        w.add_name(f"glassforge {release.resolve().parent.name or release.name}")
+        w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+        w.add_string("glassforge.weights_sha256", weights_sha)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.d_model)
+        w.add_block_count(cfg.n_layers)
+        w.add_feed_forward_length(cfg.d_ff)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(float(cfg.rope_theta))
+        w.add_layer_norm_rms_eps(float(cfg.norm_eps))
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")  # GPT-2's split regex: what tokenizers' ByteLevel pre-tokenizer uses
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(ids[ENDOFTEXT])
+        w.add_add_bos_token(False)  # no BOS anywhere (see tokenizer.py)
+        w.add_add_eos_token(False)
+        w.add_eos_token_id(ids[END])
+        w.add_eot_token_id(ids[END])
+        w.add_pad_token_id(ids[PAD])
+        if tok_cfg.get("chat_template"):
+            w.add_chat_template(tok_cfg["chat_template"])
+        for name, arr in tensors:
+            w.add_tensor(name, arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"gguf": str(out), "sha256": sha256_file(out), "bytes": out.stat().st_size, "tensors": len(tensors),
+            "weights_sha256": weights_sha}

@@ -1,0 +1,173 @@
+"""The release: Hugging Face layout, loadable offline by transformers with our logits, attested."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+_CACHE: dict[str, Path] = {}
+
+
+def release_run(request, tmp_path_factory) -> Path:
+    """A real `tiny` run with its release, built once per session.
+
+    The full build (conftest's `tiny_run`) when the SFT and eval stages exist;
+    otherwise data, tokenizer, shards, pretrain and release, stage by stage.
+    """
+    if "run" not in _CACHE and os.environ.get("GLASSFORGE_TEST_TINY_RUN"):
+        _CACHE["run"] = Path(os.environ["GLASSFORGE_TEST_TINY_RUN"])  # a run built by this very code
+    if "run" not in _CACHE:
+        if importlib.util.find_spec("glassforge.sft") and importlib.util.find_spec("glassforge.evaluate"):
+            run_root = request.getfixturevalue("tiny_run")
+        else:
+            from glassforge.build import run_stage
+            from glassforge.recipe import dump_recipe, load_recipe
+            from glassforge.runfolder import Run, atomic_write_text
+
+            run_root = tmp_path_factory.mktemp("tiny_staged") / "run"
+            run = Run.create(run_root)
+            atomic_write_text(run.recipe, dump_recipe(load_recipe("tiny")))
+            for stage in ("data", "tokenizer", "shards", "pretrain", "release"):
+                run_stage(run, stage)
+        _CACHE["run"] = Path(run_root)
+    return _CACHE["run"]
+
+
+@pytest.fixture(scope="module")
+def run_root(request, tmp_path_factory) -> Path:
+    return release_run(request, tmp_path_factory)
+
+
+def test_release_has_the_hugging_face_layout_and_cards(run_root):
+    rel = run_root / "release"
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "README.md", "DATA_CARD.md", "manifest.json",
+                 "metrics.jsonl", "attestation.json", "recipe.toml", "loss.png"):
+        assert (rel / name).is_file(), name
+    config = json.loads((rel / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert "chat_template" in json.loads((rel / "tokenizer_config.json").read_text())
+    card = (rel / "README.md").read_text()
+    header = card.split("---")[1]
+    for key in ("license:", "datasets:", "language:", "tags:"):
+        assert key in header
+    assert "## Intended use and limits" in card and "## Training" in card and "loss.png" in card
+    manifest = json.loads((rel / "manifest.json").read_text())
+    on_disk = {p.relative_to(rel).as_posix() for p in rel.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == on_disk - {"manifest.json", "attestation.json"}
+
+
+def test_attestation_is_an_in_toto_statement_binding_the_inputs(run_root):
+    from glassforge.attest import check_chain
+    from glassforge.runfolder import sha256_file
+    from glassforge.train import list_checkpoints
+
+    rel = run_root / "release"
+    stmt = json.loads((rel / "attestation.json").read_text())
+    assert stmt["_type"] == "https://in-toto.io/Statement/v1"
+    assert stmt["subject"] == [{"name": "model.safetensors", "digest": {"sha256": sha256_file(rel / "model.safetensors")}}]
+    pred = stmt["predicate"]
+    shards = json.loads((run_root / "data" / "shards.json").read_text())
+    assert pred["data"]["order_sha256"] == shards["order_sha256"]
+    assert re.fullmatch(r"[0-9a-f]{64}", pred["data"]["mix_merkle_root"])
+    assert pred["tokenizer"]["sha256"] == sha256_file(run_root / "tokenizer" / "tokenizer.json")
+    assert pred["recipe"]["sha256"] == __import__("glassforge.recipe").recipe.load_recipe(run_root / "recipe.toml").hash()
+    assert pred["code"]["version"] and pred["dependency_lock"]["sha256"] == sha256_file(
+        Path(__file__).parents[1] / "constraints.txt")
+    assert pred["training"]["pretrain"]["steps"] == 60 and pred["training"]["pretrain"]["tokens"] == 60 * 4096
+    kept = list_checkpoints(run_root / "pretrain")
+    chain = [c for c in pred["checkpoints"] if c["stage"] == "pretrain"]
+    assert [c["step"] for c in chain] == [s for s, _ in kept]
+    assert chain[-1]["model_sha256"] == sha256_file(kept[-1][1] / "model.safetensors")
+    assert check_chain(pred["checkpoints"]) is None
+    assert pred["release"]["manifest_sha256"] == sha256_file(rel / "manifest.json")
+    # each stage's replay start checkpoint travels with the release
+    stages = [c["stage"] for c in pred["checkpoints"]]
+    assert [it["stage"] for it in pred["replay"]] == sorted(set(stages), key=stages.index)
+    for it in pred["replay"]:
+        assert (rel / it["start_checkpoint"] / "optimizer.safetensors").is_file()
+        assert it["to_step"] == pred["training"][it["stage"]]["steps"]
+    assert pred["code"]["source_sha256"] and pred["platform"]["cpu_threads"] >= 1
+
+
+def test_transformers_loads_the_release_offline_with_our_logits(run_root, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from glassforge.generate import generate_ids
+    from glassforge.model import Llama
+    from glassforge.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rel = run_root / "release"
+    hf_tok = AutoTokenizer.from_pretrained(rel)
+    hf = AutoModelForCausalLM.from_pretrained(rel, dtype=torch.float32).eval()
+    ours = Llama.from_pretrained(rel)
+    text = "def dumps(obj, *, skipkeys=False):\n    \"\"\"Serialize obj to a JSON formatted str."
+    ids = load_tokenizer(rel).encode(text, add_special_tokens=False).ids
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
+    chat = [{"role": "user", "content": "What does json.dumps do?"}]
+    from glassforge.tokenizer import render_chat
+
+    assert hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == render_chat(chat)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        diff = (hf(x).logits.float() - ours(x)[0].float()).abs().max().item()
+    assert diff <= 1e-4, diff
+    from glassforge.tokenizer import END, ENDOFTEXT
+
+    stop = {hf_tok.convert_tokens_to_ids(END), hf_tok.convert_tokens_to_ids(ENDOFTEXT)}
+    for prompt in (ids, hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)):
+        prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+        with torch.no_grad():  # greedy, stopping at the end-of-turn tokens of generation_config.json
+            hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):]
+        assert hf_out.tolist() == list(generate_ids(ours, prompt, 24, stop_ids=stop))
+
+
+PICKLE_PATTERNS = re.compile(r"torch\.load\(|\bimport pickle\b|\bfrom pickle\b|\bpickle\.loads?\(|allow_pickle\s*=\s*True"
+                             r"|weights_only\s*=\s*False|\bcloudpickle\b|\bjoblib\.load\(")
+
+
+def test_no_code_path_unpickles_or_torch_loads():
+    import glassforge
+
+    offenders = []
+    for path in sorted(Path(glassforge.__file__).parent.rglob("*.py")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if PICKLE_PATTERNS.search(line.split("#")[0]):
+                offenders.append(f"{path.name}:{i}: {line.strip()}")
+    assert not offenders, offenders
+
+
+def test_signed_release_and_bad_keys(run_root, tmp_path):
+    import shutil
+
+    from glassforge.attest import write_keypair
+    from glassforge.errors import UserError
+    from glassforge.release import run_release
+    from glassforge.runfolder import Run
+
+    # A copy of the run without its data-heavy parts: release needs data/, tokenizer/, checkpoints.
+    copy = tmp_path / "run"
+    shutil.copytree(run_root, copy, ignore=shutil.ignore_patterns("release", "trace*"))
+    key, pub = tmp_path / "key.pem", tmp_path / "key.pub"
+    write_keypair(key, pub)
+    out = run_release(Run(copy), sign_key=key)
+    assert out["signed"]
+    rel = copy / "release"
+    env = json.loads((rel / "attestation.dsse.json").read_text())
+    assert env["payloadType"] == "application/vnd.in-toto+json"
+    import base64
+
+    assert base64.b64decode(env["payload"]) == (rel / "attestation.json").read_bytes()
+    assert (rel / "signing_key.pub").read_bytes() == pub.read_bytes()
+    not_a_key = tmp_path / "nokey.pem"
+    not_a_key.write_text("hello")
+    with pytest.raises(UserError, match="--sign-key"):
+        run_release(Run(copy), sign_key=not_a_key)
+    assert (rel / "attestation.dsse.json").is_file()  # a refused signing leaves the release as it was
