@@ -377,8 +377,9 @@ class TraceIndex:
 
     def _vec_bounds(self, lo: np.ndarray, hi: np.ndarray, qcode: np.ndarray,
                     r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per query: the lower and upper bound of its chunk code among the suffixes in [lo, hi),
-        comparing the chunk after each suffix's first token. All queries bisect together."""
+        """Per query, the lower and upper bound of qcode among the chunk codes (the CHUNK tokens
+        after the first) of the suffixes in [lo, hi). All queries, both bounds, bisect together in
+        numpy: a fixed cost per step, whatever the number of queries."""
         m = len(lo)
         lo2, hi2 = np.concatenate([lo, lo]), np.concatenate([hi, hi])
         q2, r2, upper = np.concatenate([qcode, qcode]), np.concatenate([r, r]), np.arange(2 * m) >= m
@@ -392,12 +393,27 @@ class TraceIndex:
             lo2[a] = np.where(right, mid + 1, lo2[a])
             hi2[a] = np.where(right, hi2[a], mid)
 
+    def _longest_at(self, key: bytes, lo: int, hi: int, floor: int) -> int:
+        """Longest prefix of key (in tokens) that starts a suffix in [lo, hi); at least floor."""
+        pos = self._bound(key, lo, hi, upper=False)
+        best = floor
+        if pos < hi:
+            best = max(best, self._lcp_tokens(key, self.sa_at(pos)))
+        if pos > lo:
+            best = max(best, self._lcp_tokens(key, self.sa_at(pos - 1)))
+        return best
+
     def longest_matches(self, ids: Sequence[int]) -> list[int]:
         """For each start i, the largest L with ids[i:i+L] in the stream (no span crosses <|endoftext|>).
 
-        Two phases: every start bisects its first 1 + CHUNK tokens at once (numpy, one pass for the
-        whole query); only starts whose first 1 + CHUNK tokens occur then bisect their full key,
-        inside that already narrow range, by memcmp.
+        A segment is a run of the query with no <|endoftext|> (nor a token the index never saw).
+        1. Each segment's first start is searched alone (memcmp bisection); if it matches to the
+           end of the segment, so does every later start (a suffix of a string that occurs occurs
+           too), so a passage copied from the data costs one search, not one per token.
+        2. The other starts bisect their first 1 + CHUNK tokens all at once, in numpy; where those
+           do not occur, the longest match is with a neighbour of the bound, read off directly.
+        3. Only starts whose first 1 + CHUNK tokens occur bisect their full key, inside that
+           already narrow range, by memcmp; a match to the segment's end settles the rest of it.
         """
         q = np.asarray(list(ids), dtype=np.int64)
         n, c, w = len(q), self._c, self.w
@@ -409,9 +425,21 @@ class TraceIndex:
         seg_end = np.append(bad, n)[np.searchsorted(bad, np.arange(n))]  # first stop at or after i
         qs = np.where(ok, q, 0)
         lo_all, hi_all = self.buckets[qs], self.buckets[qs + 1]
-        starts = np.flatnonzero(ok & (hi_all > lo_all))
+        todo = ok & (hi_all > lo_all)
+        qbytes = qs.astype(self.tokens.dtype).tobytes()
+        # 1. The first start of each segment.
+        for i in np.flatnonzero(todo & np.concatenate([[True], ~ok[:-1]])).tolist():
+            end = int(seg_end[i])
+            best = self._longest_at(qbytes[i * w:end * w], int(lo_all[i]), int(hi_all[i]), 1)
+            out[i] = best
+            todo[i] = False
+            if i + best == end:
+                out[i:end] = end - np.arange(i, end)
+                todo[i:end] = False
+        starts = np.flatnonzero(todo)
         if starts.size == 0:
             return out.tolist()
+        # 2. Every other start: its first 1 + r tokens (r <= CHUNK, fewer at the segment's end).
         lo, hi = lo_all[starts], hi_all[starts]
         r = np.minimum(c, seg_end[starts] - starts - 1)
         qpad = np.append(qs, np.zeros(c, dtype=np.int64))
@@ -421,8 +449,8 @@ class TraceIndex:
         lb, ub = self._vec_bounds(lo, hi, qcode, r)
         found = ub > lb
         res = np.where(found, 1 + r, 1)
-        # Not found: no suffix starts with the first 1 + r tokens, so the bound is also the full
-        # key's, and the longest match is with one of its two neighbours (inside the bucket).
+        # Where the first 1 + r tokens do not occur, the bound is also the full key's, and the
+        # longest match is with one of its two neighbours (inside the bucket: the first token matches).
         nf = np.flatnonzero(~found)
         for nb, inside in ((lb[nf], lb[nf] < hi[nf]), (lb[nf] - 1, lb[nf] > lo[nf])):
             k = nf[inside]
@@ -430,21 +458,19 @@ class TraceIndex:
                 _, svals = self._chunk(self._sa_take(nb[inside]) + 1, r[k])
                 eq = (svals == qvals[k]) & (j < r[k][:, None])
                 res[k] = np.maximum(res[k], 1 + np.cumprod(eq, axis=1).sum(axis=1))
-        # Found, with more of the segment left: bisect the full key in [lb, ub) by memcmp.
+        # 3. Starts whose first 1 + CHUNK tokens occur and whose segment goes on: the full key.
         deep = np.flatnonzero(found & (r == c) & (seg_end[starts] - starts > 1 + c))
         if deep.size:
-            qbytes = qs.astype(self.tokens.dtype).tobytes()
-            for k in deep.tolist():
+            settled_until = -1
+            for k, b in zip(deep.tolist(), ub[deep].tolist()):
                 i = int(starts[k])
-                key = qbytes[i * w:int(seg_end[i]) * w]
-                a, b = int(lb[k]), int(ub[k])
-                pos = self._bound(key, a, b, upper=False)
-                best = 1 + c
-                if pos < b:
-                    best = max(best, self._lcp_tokens(key, self.sa_at(pos)))
-                if pos > a:
-                    best = max(best, self._lcp_tokens(key, self.sa_at(pos - 1)))
-                res[k] = best
+                end = int(seg_end[i])
+                if i < settled_until:
+                    res[k] = end - i
+                    continue
+                res[k] = self._longest_at(qbytes[i * w:end * w], int(lb[k]), b, 1 + c)
+                if i + res[k] == end:
+                    settled_until = end
         out[starts] = res
         return out.tolist()
 
