@@ -325,7 +325,7 @@ class TraceIndex:
     def find(self, ids: Sequence[int]) -> tuple[int, int]:
         """Suffix-array range [lo, hi) of the suffixes that start with ids."""
         ids = list(ids)
-        if not ids or any(not 0 <= t < len(self._bucket_list) - 1 for t in ids):
+        if not ids or min(ids) < 0 or max(ids) >= len(self._bucket_list) - 1:
             return 0, 0
         lo, hi = self._bucket(ids[0])
         if len(ids) == 1 or lo == hi:
