@@ -34,6 +34,13 @@ Why these choices:
   `mmap`, i.e. memcmp in C, so a binary search costs about a microsecond a step.
 - The bucket table (one int64 per vocabulary entry) skips the first
   log2(vocab) steps of every search.
+- Tracing needs, for every start i of the query, the longest match L(i); the
+  maximal spans are the starts where i + L(i) grows. All starts bisect their
+  first 4 tokens (2 with a uint32 vocabulary) together in numpy, so most of a
+  novel text is settled in one vectorised pass; only starts whose first tokens
+  occur go on to a memcmp bisection, inside an already narrow range; and a
+  start that matches to the end of the query settles all later ones, so a
+  passage copied from the data costs one search.
 - Documents never straddle: every document ends with `<|endoftext|>`, and a
   query is cut at any `<|endoftext|>` it contains, so no matched span can
   include one, and so no span can cross from one document into the next.
