@@ -282,7 +282,6 @@ def collect_facts(release_dir: Path | str, verify: bool = True) -> dict:
             curves.append({"title": title, "file": name, "src": uri})
     return {
         "model": release.parent.name if release.name == "release" else release.name,
-        "release": str(release),
         "config": {k: config.get(k) for k in ("architectures", "hidden_size", "num_hidden_layers",
                                               "num_attention_heads", "num_key_value_heads",
                                               "max_position_embeddings", "vocab_size") if k in config},
