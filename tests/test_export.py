@@ -13,17 +13,24 @@ import pytest
 from test_release import release_run
 
 
-@pytest.fixture(scope="module")
-def run_root(request, tmp_path_factory) -> Path:
-    return release_run(request, tmp_path_factory)
+@pytest.fixture(scope="module", params=["random-tied", "random-untied", pytest.param("tiny", marks=pytest.mark.slow)])
+def model_folder(request, tmp_path_factory) -> Path:
+    """Folders to export: random weights (tied and untied embeddings; fast) and the real `tiny` release."""
+    if request.param == "tiny":
+        return release_run(request, tmp_path_factory) / "release"
+    from conftest import make_random_model_folder
+
+    return make_random_model_folder(tmp_path_factory.mktemp(request.param), d_model=64, n_layers=2, n_heads=4,
+                                    n_kv_heads=2, vocab_size=512, tie_embeddings=request.param == "random-tied",
+                                    seed=3)
 
 
 @pytest.fixture(scope="module")
-def exported(run_root, tmp_path_factory) -> Path:
+def exported(model_folder, tmp_path_factory) -> Path:
     from glassforge.export import export_gguf
 
     out = tmp_path_factory.mktemp("gguf") / "model.gguf"
-    info = export_gguf(run_root / "release", out)
+    info = export_gguf(model_folder, out)
     assert Path(info["gguf"]) == out and out.is_file()
     return out
 
@@ -51,10 +58,10 @@ def test_permutation_is_inverted_exactly():
     assert list(p[:4, 0] // 3) == [0, 8, 1, 9]
 
 
-def test_gguf_metadata_follows_llamacpp_llama(run_root, exported):
+def test_gguf_metadata_follows_llamacpp_llama(model_folder, exported):
     import gguf
 
-    rel = run_root / "release"
+    rel = model_folder
     cfg = json.loads((rel / "config.json").read_text())
     tok = json.loads((rel / "tokenizer.json").read_text())
     tok_cfg = json.loads((rel / "tokenizer_config.json").read_text())
@@ -86,13 +93,13 @@ def test_gguf_metadata_follows_llamacpp_llama(run_root, exported):
     assert f["tokenizer.chat_template"] == tok_cfg["chat_template"]
 
 
-def test_gguf_tensors_are_the_weights_under_llamacpp_names(run_root, exported):
+def test_gguf_tensors_are_the_weights_under_llamacpp_names(model_folder, exported):
     import gguf
     from safetensors.numpy import load_file
 
     from glassforge.export import unpermute_from_llamacpp
 
-    rel = run_root / "release"
+    rel = model_folder
     cfg = json.loads((rel / "config.json").read_text())
     reader = gguf.GGUFReader(exported)
     assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F32}
@@ -101,6 +108,8 @@ def test_gguf_tensors_are_the_weights_under_llamacpp_names(run_root, exported):
     expected = {"token_embd.weight", "output_norm.weight"} | {
         f"blk.{i}.{n}.weight" for i in range(L) for n in
         ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+    if not cfg["tie_word_embeddings"]:
+        expected.add("output.weight")
     assert set(t) == expected  # tied embeddings: no output.weight, llama.cpp reuses token_embd
     w = load_file(str(rel / "model.safetensors"))
     assert np.array_equal(t["token_embd.weight"], w["model.embed_tokens.weight"])
@@ -154,39 +163,30 @@ def llamacpp_reference_logits(fields: dict, t: dict[str, np.ndarray], ids: list[
     return x @ t.get("output.weight", t["token_embd.weight"]).T
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_llamacpp_conventions_on_the_gguf_give_our_logits(run_root, exported, tmp_path, tied):
+def test_llamacpp_conventions_on_the_gguf_give_our_logits(model_folder, exported):
     import gguf
     import torch
 
-    from glassforge.export import export_gguf
     from glassforge.model import Llama
     from glassforge.tokenizer import load_tokenizer
 
-    if tied:
-        folder, path = run_root / "release", exported
-    else:
-        from conftest import make_random_model_folder
-
-        folder = make_random_model_folder(tmp_path / "untied", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                          vocab_size=512, tie_embeddings=False, seed=3)
-        path = Path(export_gguf(folder, tmp_path / "untied.gguf")["gguf"])
-    reader = gguf.GGUFReader(path)
+    reader = gguf.GGUFReader(exported)
     fields, t = _fields(reader), _tensors(reader)
-    assert ("output.weight" in t) is (not tied)
-    ids = load_tokenizer(folder).encode("import json\nprint(json.dumps({'a': [1, 2]}, indent=2))",
-                                        add_special_tokens=False).ids
+    ids = load_tokenizer(model_folder).encode("import json\nprint(json.dumps({'a': [1, 2]}, indent=2))",
+                                              add_special_tokens=False).ids
     ref = llamacpp_reference_logits(fields, t, ids)
     with torch.no_grad():
-        ours = Llama.from_pretrained(folder)(torch.tensor([ids]))[0][0].double().numpy()
+        ours = Llama.from_pretrained(model_folder)(torch.tensor([ids]))[0][0].double().numpy()
     assert np.abs(ref - ours).max() <= 1e-4
     assert (ref.argmax(-1) == ours.argmax(-1)).all()
 
 
-def test_export_refuses_weights_that_do_not_match_the_manifest(run_root, tmp_path):
+@pytest.mark.slow
+def test_export_refuses_weights_that_do_not_match_the_manifest(request, tmp_path_factory, tmp_path):
     from glassforge.errors import UserError
     from glassforge.export import export_gguf
 
+    run_root = release_run(request, tmp_path_factory)
     rel = tmp_path / "release"
     shutil.copytree(run_root / "release", rel, ignore=shutil.ignore_patterns("replay", "trace"))
     data = bytearray((rel / "model.safetensors").read_bytes())

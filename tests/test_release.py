@@ -43,6 +43,7 @@ def run_root(request, tmp_path_factory) -> Path:
     return release_run(request, tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_release_has_the_hugging_face_layout_and_cards(run_root):
     rel = run_root / "release"
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
@@ -57,11 +58,15 @@ def test_release_has_the_hugging_face_layout_and_cards(run_root):
     for key in ("license:", "datasets:", "language:", "tags:"):
         assert key in header
     assert "## Intended use and limits" in card and "## Training" in card and "loss.png" in card
+    from glassforge.runfolder import sha256_file
+
+    assert f"sha256: `{sha256_file(rel / 'model.safetensors')}`" in card
     manifest = json.loads((rel / "manifest.json").read_text())
     on_disk = {p.relative_to(rel).as_posix() for p in rel.rglob("*") if p.is_file()}
     assert set(manifest["files"]) == on_disk - {"manifest.json", "attestation.json"}
 
 
+@pytest.mark.slow
 def test_attestation_is_an_in_toto_statement_binding_the_inputs(run_root):
     from glassforge.attest import check_chain
     from glassforge.runfolder import sha256_file
@@ -95,7 +100,15 @@ def test_attestation_is_an_in_toto_statement_binding_the_inputs(run_root):
     assert pred["code"]["source_sha256"] and pred["platform"]["cpu_threads"] >= 1
 
 
-def test_transformers_loads_the_release_offline_with_our_logits(run_root, monkeypatch):
+@pytest.fixture(params=["random", pytest.param("tiny", marks=pytest.mark.slow)])
+def hf_folder(request, tmp_path_factory) -> Path:
+    """A model folder written by release.write_model_folder (random weights: fast), and the real release."""
+    if request.param == "tiny":
+        return release_run(request, tmp_path_factory) / "release"
+    return request.getfixturevalue("random_model")
+
+
+def test_transformers_loads_the_release_offline_with_our_logits(hf_folder, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,7 +117,7 @@ def test_transformers_loads_the_release_offline_with_our_logits(run_root, monkey
     from glassforge.tokenizer import load_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rel = run_root / "release"
+    rel = hf_folder
     hf_tok = AutoTokenizer.from_pretrained(rel)
     hf = AutoModelForCausalLM.from_pretrained(rel, dtype=torch.float32).eval()
     ours = Llama.from_pretrained(rel)
@@ -144,6 +157,7 @@ def test_no_code_path_unpickles_or_torch_loads():
     assert not offenders, offenders
 
 
+@pytest.mark.slow
 def test_signed_release_and_bad_keys(run_root, tmp_path):
     import shutil
 

@@ -11,6 +11,8 @@ import pytest
 
 from test_release import release_run
 
+pytestmark = pytest.mark.slow  # every test here needs the real `tiny` build
+
 
 @pytest.fixture(scope="module")
 def run_root(request, tmp_path_factory) -> Path:

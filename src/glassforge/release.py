@@ -160,6 +160,10 @@ def model_card(run: Run, stage: str) -> str:
         "glassforge verify path/to/release --data RUN --replay      # also the documents, and re-train the last interval",
         "```",
         "",
+        f"- Weights (`model.safetensors`) sha256: `{sha256_file(final_weights(run)[1])}`",
+        f"- Data mix Merkle root (training order): `{(data_manifest.get('merkle') or {}).get('mix', 'n/a')}`",
+        f"- Data order (`order.txt`) sha256: `{data_manifest.get('order_sha256', 'n/a')}`",
+        "",
         "## Intended use and limits",
         "",
         "A small model for learning, teaching and auditing how a language model comes from its data. "
