@@ -86,7 +86,10 @@ def _sa_width(n_tokens: int) -> int:
 
 
 def suffix_array(tokens: np.ndarray) -> np.ndarray:
-    """Token-level suffix array (int64) of a uint16/uint32 token array, by byte-level divsufsort."""
+    """Token-level suffix array of a uint16/uint32 token array, by byte-level divsufsort.
+
+    int32 while the stream has under 2**31 bytes, else int64 (as libdivsufsort returns them).
+    """
     from pydivsufsort import divsufsort
 
     width = tokens.dtype.itemsize
@@ -97,7 +100,7 @@ def suffix_array(tokens: np.ndarray) -> np.ndarray:
     del sa
     if width > 1:
         keep //= width
-    return keep.astype(np.int64, copy=False)
+    return keep
 
 
 def _write_sa(path: Path, sa: np.ndarray, width: int, chunk: int = 1 << 24) -> None:
