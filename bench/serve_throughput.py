@@ -1,7 +1,7 @@
 """Serving throughput: glassforge's server against HF transformers and llama.cpp, same weights, same run.
 
     flock /tmp/gf-cpu.lock .venv/bin/python bench/serve_throughput.py [RELEASE] [--tokens 128]
-        [--concurrency 1,4,16,32] [--gguf FILE] [--no-hf] [--no-llamacpp]
+        [--concurrency 1,4,16,32] [--gguf FILE] [--no-hf] [--no-llamacpp] [--decode-threads N]
 
 RELEASE is a run folder or release/ folder; without one, a random-weight model
 with the `default` recipe's shape (d_model 256, 6 layers, 8 heads, 4 KV heads,
@@ -122,11 +122,14 @@ async def server_runs(base: str, prompt_ids: list[int], tokens: int, levels: lis
     return out
 
 
-def bench_server(release: Path, prompt_ids: list[int], tokens: int, levels: list[int]) -> dict:
+def bench_server(release: Path, prompt_ids: list[int], tokens: int, levels: list[int],
+                 decode_threads: int | None = None) -> dict:
     import httpx
 
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if decode_threads:
+        env["GLASSFORGE_DECODE_THREADS"] = str(decode_threads)
     proc = subprocess.Popen([sys.executable, "-m", "glassforge", "serve", str(release), "--port", str(port),
                              "--max-batch", str(max(levels))], env=env)
     base = f"http://127.0.0.1:{port}"
@@ -246,6 +249,7 @@ def main() -> int:
     p.add_argument("--gguf", type=Path)
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-llamacpp", action="store_true")
+    p.add_argument("--decode-threads", type=int, help="the server's decode threads (default: the engine's, 1)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -263,7 +267,8 @@ def main() -> int:
         res: dict = {"release": str(args.release or "random weights, default-recipe shape"),
                      "tokens": args.tokens, "prompt_tokens": len(prompt_ids), "torch_threads": torch.get_num_threads()}
         res["engine_single_decode_tps"] = bench_engine(release, prompt_ids, args.tokens)
-        res.update(bench_server(release, prompt_ids, args.tokens, levels))
+        res.update(bench_server(release, prompt_ids, args.tokens, levels, args.decode_threads))
+        res["decode_threads"] = args.decode_threads or 1
         if not args.no_hf:
             res["hf_single_decode_tps"] = bench_hf(release, prompt_ids, args.tokens)
         if not args.no_llamacpp:
