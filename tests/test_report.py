@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shutil
 from pathlib import Path
@@ -39,6 +40,9 @@ def test_report_of_a_partial_run(tmp_path):
     run = fake_run(tmp_path / "run", description="<script>alert(1)</script> & more")
     path = write_report(run)
     assert path == run / "report.html"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # for sharing: not the atomic write's private 0600
     html = path.read_text()
     assert html.startswith("<!doctype html>")
     # Run text is escaped, and nothing is fetched from anywhere.

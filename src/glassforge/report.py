@@ -22,6 +22,7 @@ import base64
 import html
 import io
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -377,6 +378,10 @@ def write_report(run: Path, out: Path | None = None) -> Path:
     if path.is_dir():
         raise UserError(f"--out {path}: is a folder; give a file name such as {path / 'report.html'}")
     atomic_write_text(path, html_text)
+    # The atomic write's temporary file is private (0600); a report is for sharing: use the usual mode.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
     return path
 
 

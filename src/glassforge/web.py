@@ -305,16 +305,21 @@ def mount(app, release_dir: Path | str, facts: dict | None = None, verify: bool 
     release_dir: the release being served (or its run folder). facts: extra fields the server
     knows and the page uses, merged over the computed ones, e.g. {"model": name, "auth_required":
     bool, "max_context": int}. The release is checked here, once (file hashes, no replay), unless
-    verify is False.
+    verify is False. Calling it again on the same app only merges facts in.
     """
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
+    already = getattr(app.state, "web_facts", None)
+    if already is not None:  # mounted before (by the server): add the caller's fields, check nothing twice
+        already.update(facts or {})
+        return already
     for name in STATIC_FILES:
         if not (STATIC_DIR / name).is_file():
             raise UserError(f"{STATIC_DIR / name}: missing; the glassforge package is incomplete (reinstall it)")
     served = collect_facts(release_dir, verify=verify)
     served.update(facts or {})
     served.setdefault("auth_required", False)
+    app.state.web_facts = served
     page_headers = {"Cache-Control": "no-cache", "Content-Security-Policy": CSP,
                     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
     index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
