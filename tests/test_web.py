@@ -308,9 +308,14 @@ def test_page_end_to_end(tiny_run, page, tmp_path):
         assert result.locator(".error").count() == 0, result.inner_text()
         if result.locator(".no-span").count():
             assert "No span found" in result.inner_text()
-        else:
-            result.locator(".span").first.click()
-            page.wait_for_selector("li.doc")
+        # Down to one-token spans, some of the answer's words surely occur in training: they highlight.
+        page.fill("#min-span", "1")
+        answer.locator(".trace-button").click()
+        result.locator(".traced .span").first.wait_for()
+        result.locator(".traced .span").first.click()
+        result.locator("li.doc").first.wait_for()
+        assert " of at least 1 token occur" in result.locator(".trace-summary").inner_text()
+        page.fill("#min-span", "8")
         save_artifact(page, tmp_path, "web-chat.png")
 
         # Trace a passage copied from a training document: it must highlight, and list that document.

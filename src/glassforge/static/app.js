@@ -289,14 +289,15 @@ function renderTrace(container, text, result) {
   const where = `the training data (${plural(idx.tokens || 0, "token")}, ${plural(idx.documents || 0, "document")})`;
   if (!result.spans.length) {
     const p = paragraph("trace-summary no-span",
-      `No span found: no run of ${result.min_tokens} or more tokens of this text ` +
+      `No span found: no run of ${plural(result.min_tokens, "token")} or more of this text ` +
       `(${plural(result.tokens, "token")}) occurs verbatim in ${where}. Lower "Trace: shortest span" to look for shorter ones.`);
     container.appendChild(p);
     return;
   }
   const pct = Math.round(100 * result.covered_tokens / Math.max(1, result.tokens));
   container.appendChild(paragraph("trace-summary",
-    `${plural(result.spans.length, "span")} of at least ${result.min_tokens} tokens occur verbatim in ${where}, ` +
+    `${plural(result.spans.length, "span")} of at least ${plural(result.min_tokens, "token")} ` +
+    `occur${result.spans.length === 1 ? "s" : ""} verbatim in ${where}, ` +
     `covering ${pct}% of the text's ${result.tokens} tokens. Select a highlighted span to list its training documents.`));
 
   // Offsets are in code points (Python string indices); walk the text by code point.
@@ -310,16 +311,18 @@ function renderTrace(container, text, result) {
   docs.className = "span-docs";
   docs.setAttribute("aria-live", "polite");
   const buttons = [];
+  let lastSpan = -1, shade = false;
   for (let k = 0; k + 1 < bounds.length; k++) {
     const a = bounds[k], b = bounds[k + 1];
     const piece = chars.slice(a, b).join("");
     // Spans come longest first: the first that covers this piece is the one to show.
     const which = result.spans.findIndex((s) => s.start <= a && s.end >= b);
-    if (which < 0) { traced.appendChild(document.createTextNode(piece)); continue; }
+    if (which < 0) { traced.appendChild(document.createTextNode(piece)); lastSpan = -1; continue; }
     const s = result.spans[which];
     // A <mark> acting as a button keeps the text flowing inline (a <button> would be a box).
     const btn = document.createElement("mark");
-    btn.className = "span";
+    if (which !== lastSpan) { shade = !shade; lastSpan = which; }
+    btn.className = shade ? "span" : "span alt";  // neighbouring spans in two shades
     btn.tabIndex = 0;
     btn.setAttribute("role", "button");
     btn.dataset.span = String(which);
@@ -414,7 +417,9 @@ function table(columns, rows, caption) {
     tbody.appendChild(tr);
   }
   t.append(thead, tbody);
-  return t;
+  const wrap = el("div", null, "table-wrap");  // wide tables scroll inside the panel
+  wrap.appendChild(t);
+  return wrap;
 }
 
 function fmt(n, digits) {
