@@ -195,7 +195,8 @@ def _trained(folder: Path) -> dict | None:
     if not ckpts:
         return None
     meta = json.loads((ckpts[-1][1] / "trainer.json").read_text())
-    return {"steps": meta["step"], "tokens": meta.get("tokens")}
+    # env: how it ran (world size, threads, dtype, compile, torch), which bit-for-bit replay needs to match
+    return {"steps": meta["step"], "tokens": meta.get("tokens"), "env": meta.get("env")}
 
 
 def replay_intervals(run: Run) -> list[dict]:
