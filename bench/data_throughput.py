@@ -15,7 +15,10 @@ and the shards stage each run in a fresh child process; peak memory is the
 largest sum of proportional resident memory (PSS, so pages shared after fork
 count once) over that process and its workers, sampled every 0.2 s. MB/s is input bytes on disk divided
 by the two stage functions' wall time (`run_data`, `run_shards`; interpreter
-start and imports, which a build pays once, are left out).
+start and imports, which a build pays once, are left out). MB per CPU-second
+(CPU time of the stage function: every thread, and the worker processes) is the figure
+that survives a shared machine: on an idle one, wall MB/s is about it times
+the cores the stage keeps busy.
 
 --compare-dedup times the near-duplicate step alone, ours (glassforge.dedup)
 against datasketch's MinHash.update_batch + MinHashLSH with the same
@@ -117,7 +120,7 @@ def child(stage: str, run_dir: Path) -> None:
 
     run = Run(run_dir)
     run.load_recipe()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _own_cpu()
     if stage == "data":
         from glassforge.data import run_data
 
@@ -138,7 +141,7 @@ def child(stage: str, run_dir: Path) -> None:
         from glassforge.shards import run_shards
 
         print(json.dumps(run_shards(run)))
-    print(json.dumps({"stage_seconds": time.perf_counter() - t}))
+    print(json.dumps({"stage_seconds": time.perf_counter() - t, "stage_cpu_seconds": _own_cpu() - c}))
 
 
 def _tree_rss_mb(pid: int) -> float:
@@ -167,8 +170,15 @@ def _tree_rss_mb(pid: int) -> float:
     return total
 
 
-def timed_child(stage: str, run_dir: Path) -> tuple[float, float]:
-    """(seconds in the stage function, peak resident MB of the stage's process tree, sampled every 0.2 s)."""
+def _own_cpu() -> float:
+    """CPU seconds of this process (all threads) and of its reaped child processes (the data workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed_child(stage: str, run_dir: Path) -> tuple[float, float, float]:
+    """(seconds and CPU seconds in the stage function, peak resident MB of the stage's process tree,
+    sampled every 0.2 s) of one stage run in a fresh process."""
     proc = subprocess.Popen([sys.executable, __file__, "--child", stage, "--run", str(run_dir)],
                             env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, stdout=subprocess.PIPE, text=True)
     peak = 0.0
@@ -180,7 +190,8 @@ def timed_child(stage: str, run_dir: Path) -> tuple[float, float]:
         raise SystemExit(f"stage {stage} failed ({proc.returncode})")
     for line in out[:-1]:
         print(line)
-    return json.loads(out[-1])["stage_seconds"], peak
+    last = json.loads(out[-1])
+    return last["stage_seconds"], last["stage_cpu_seconds"], peak
 
 
 def compare_dedup(corpus: Path, limit_mb: int = 20) -> None:
@@ -254,22 +265,21 @@ def main() -> None:
 
     shutil.rmtree(run_dir, ignore_errors=True)
     make_run(run_dir, corpus)
-    t_data, rss_data = timed_child("data", run_dir)
     mb = info["bytes"] / 1e6
-    if args.data_only:
-        print(json.dumps({"input_MB": round(mb, 1), "cpus": os.cpu_count(), "data_stage": {
-            "seconds": round(t_data, 1), "MB_per_s": round(mb / t_data, 1), "peak_rss_MB": round(rss_data)}}, indent=1))
-        return
-    t_tok, rss_tok = timed_child("tokenizer", run_dir)
-    t_shards, rss_shards = timed_child("shards", run_dir)
-    result = {
-        "input_MB": round(mb, 1), "cpus": os.cpu_count(),
-        "data_stage": {"seconds": round(t_data, 1), "MB_per_s": round(mb / t_data, 1), "peak_rss_MB": round(rss_data)},
-        "shards_stage": {"seconds": round(t_shards, 1), "MB_per_s": round(mb / t_shards, 1),
-                         "peak_rss_MB": round(rss_shards)},
-        "whole_stage_MB_per_s": round(mb / (t_data + t_shards), 1),
-        "tokenizer_training_untimed": {"seconds": round(t_tok, 1), "peak_rss_MB": round(rss_tok)},
-    }
+
+    def figures(seconds: float, cpu: float, rss: float) -> dict:
+        return {"seconds": round(seconds, 1), "MB_per_s": round(mb / seconds, 1), "cpu_seconds": round(cpu, 1),
+                "MB_per_cpu_s": round(mb / cpu, 1), "peak_pss_MB": round(rss)}
+
+    data = timed_child("data", run_dir)
+    result = {"input_MB": round(mb, 1), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+              "data_stage": figures(*data)}
+    if not args.data_only:
+        tok = timed_child("tokenizer", run_dir)
+        shards = timed_child("shards", run_dir)
+        result["shards_stage"] = figures(*shards)
+        result["whole_stage_MB_per_s"] = round(mb / (data[0] + shards[0]), 1)
+        result["tokenizer_training_untimed"] = figures(*tok)
     print(json.dumps(result, indent=1))
 
 

@@ -161,6 +161,9 @@ def test_missing_source_path_is_a_user_error_before_any_work(tmp_path):
     with pytest.raises(UserError, match=r"data.sources\[1\] 'gone': path '.*missing' does not exist"):
         gdata.run_data(run)
     assert not (run.data / "documents.jsonl").exists()
+    from glassforge.cli import main
+
+    assert main(["data", str(run.root)]) == 2  # one line on stderr, no traceback
     run = make_run(tmp_path / "run2", [{"name": "x", "kind": "files", "path": str(good), "weight": -1.0}])
     with pytest.raises(UserError, match="weight"):
         gdata.run_data(run)
