@@ -23,12 +23,13 @@ optimiser state are safetensors, everything else is JSON or text.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 from glassforge import __version__
 from glassforge.errors import UserError
-from glassforge.model import Llama, ModelConfig
+from glassforge.model import ModelConfig
 from glassforge.runfolder import (Run, atomic_write_bytes, atomic_write_dir, atomic_write_json, atomic_write_text,
                                   canonical_json, sha256_bytes, sha256_file)
 
@@ -67,6 +68,28 @@ def final_weights(run: Run) -> tuple[str, Path]:
     raise UserError(f"{run.root}: holds no model (no pretrain or sft checkpoint); run `glassforge pretrain` first")
 
 
+# Licence identifiers the Hugging Face Hub accepts in a model card's `license:` field (the common ones).
+HF_LICENSES = {"apache-2.0", "mit", "bsd", "bsd-2-clause", "bsd-3-clause", "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0",
+               "cc-by-nc-4.0", "gpl-2.0", "gpl-3.0", "lgpl-2.1", "lgpl-3.0", "agpl-3.0", "mpl-2.0", "isc",
+               "unlicense", "odc-by", "odbl", "pddl", "zlib", "artistic-2.0", "epl-2.0"}
+
+
+def _license_header(licenses: list[str]) -> list[str]:
+    """The card's licence lines: a Hub identifier where there is one, else `other` with the names."""
+    if len(licenses) == 1 and licenses[0].lower() in HF_LICENSES:
+        return [f"license: {licenses[0].lower()}"]
+    name = "-".join(licenses).lower().replace(" ", "-") or "unknown"
+    return ["license: other", f"license_name: {name}"]
+
+
+def _count_params(weights: Path) -> int:
+    """Parameters in a safetensors file, from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="np") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
 def model_card(run: Run, stage: str) -> str:
     from glassforge.train import read_metrics
 
@@ -77,7 +100,7 @@ def model_card(run: Run, stage: str) -> str:
     pre = read_metrics(run.pretrain / "metrics.jsonl")
     sft = read_metrics(run.sft / "metrics.jsonl")
     evals = json.loads((run.eval / "eval.json").read_text()) if (run.eval / "eval.json").is_file() else None
-    n_params = Llama(recipe.model).num_params(non_embedding=False)
+    n_params = _count_params(final_weights(run)[1])
 
     def last(rows, key):
         vals = [r[key] for r in rows if key in r]
@@ -85,7 +108,7 @@ def model_card(run: Run, stage: str) -> str:
 
     lines = [
         "---",
-        f"license: {licenses[0].lower() if len(licenses) == 1 else 'other'}",
+        *_license_header(licenses),
         "language:\n- en",
         "library_name: transformers",
         "pipeline_tag: text-generation",
