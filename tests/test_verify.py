@@ -80,6 +80,8 @@ TAMPERINGS = {
     "checkpoint chain": (_edit_chain, {"checkpoint chain"}),
     "added file": (lambda rel: (rel / "extra.bin").write_bytes(b"x"), {"file extra.bin"}),
     "model card": (lambda rel: (rel / "README.md").write_text("# my model\n"), {"file README.md"}),
+    "deleted weights": (lambda rel: (rel / "model.safetensors").unlink(), {"file model.safetensors", "weights"}),
+    "bogus signature": (lambda rel: (rel / "attestation.dsse.json").write_text("{}"), {"signature"}),
 }
 
 
@@ -193,3 +195,17 @@ def test_one_altered_training_document_fails_data_and_replay(run_root, tmp_path)
     pred["replay"] = [it for it in pred["replay"] if it["stage"] == "pretrain"]
     failed = failures(replay_training(rel, run, pred))
     assert "weights" in failed["replay pretrain"], failed
+
+
+def test_cli_verify_exit_codes(run_root, tmp_path, capsys):
+    from glassforge.attest import write_keypair
+    from glassforge.cli import main
+
+    assert main(["verify", str(run_root / "release")]) == 0
+    rel = copy_release(run_root, tmp_path / "release")
+    _edit_recipe(rel)
+    assert main(["verify", str(rel)]) == 1
+    assert "FAIL file recipe.toml" in capsys.readouterr().out
+    assert main(["verify", str(run_root / "release"), "--replay"]) == 2  # needs --data: a user error
+    write_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    assert main(["verify", str(run_root / "release"), "--public-key", str(tmp_path / "k.pub")]) == 1
