@@ -18,6 +18,8 @@ def release_run(request, tmp_path_factory) -> Path:
 
     The full build (conftest's `tiny_run`) when the SFT and eval stages exist;
     otherwise data, tokenizer, shards, pretrain and release, stage by stage.
+    GLASSFORGE_TEST_TINY_RUN=PATH reuses a tiny run already built (by this same
+    code: replay is bit for bit only with it); the tests never modify it.
     """
     if "run" not in _CACHE and os.environ.get("GLASSFORGE_TEST_TINY_RUN"):
         _CACHE["run"] = Path(os.environ["GLASSFORGE_TEST_TINY_RUN"])  # a run built by this very code
