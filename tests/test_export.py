@@ -91,6 +91,9 @@ def test_gguf_metadata_follows_llamacpp_llama(model_folder, exported):
     assert f["tokenizer.ggml.eos_token_id"] == specials["<|end|>"]
     assert f["tokenizer.ggml.add_bos_token"] is False or f["tokenizer.ggml.add_bos_token"] == 0
     assert f["tokenizer.chat_template"] == tok_cfg["chat_template"]
+    from glassforge.runfolder import sha256_file
+
+    assert f["glassforge.weights_sha256"] == sha256_file(rel / "model.safetensors")
 
 
 def test_gguf_tensors_are_the_weights_under_llamacpp_names(model_folder, exported):

@@ -142,7 +142,9 @@ def export_gguf(release: Path, out: Path) -> dict:
         w = gguf.GGUFWriter(tmp, arch="llama")
         w.add_name(f"glassforge {release.resolve().parent.name or release.name}")
         w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-        w.add_string("glassforge.weights_sha256", weights_sha)
+        w.add_string("glassforge.weights_sha256", weights_sha)  # ties the file back to the attested release
+        if (release / "attestation.json").is_file():
+            w.add_string("glassforge.attestation_sha256", sha256_file(release / "attestation.json"))
         w.add_vocab_size(cfg.vocab_size)
         w.add_context_length(cfg.max_seq_len)
         w.add_embedding_length(cfg.d_model)
