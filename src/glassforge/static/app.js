@@ -21,6 +21,8 @@ function load() {
     if (Array.isArray(saved.messages)) {
       state.messages = saved.messages.filter((m) => m && typeof m.content === "string" &&
         (m.role === "user" || m.role === "assistant"));
+      // An answer still streaming when the page closed was cut off there.
+      for (const m of state.messages) if (m.status === "streaming") { m.status = "stopped"; m.note = "Stopped."; }
     }
     const s = saved.settings || {};
     if (s.temperature !== undefined) $("temperature").value = s.temperature;
