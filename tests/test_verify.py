@@ -163,7 +163,8 @@ def test_data_and_replay_pass_on_the_untouched_run(run_root):
     claims = verify_release(run_root / "release", replay=True, data_run=run_root)
     assert not failures(claims), failures(claims)
     names = {n for n, _, _ in claims}
-    assert {"data merkle root", "data order", "run tokenizer", "run recipe", "replay pretrain"} <= names
+    assert {"data root attested", "data order attested", "data document hashes", "run tokenizer", "run recipe",
+            "replay pretrain", "replay sft"} <= names
     replayed = [r for n, ok, r in claims if n.startswith("replay ") and "checkpoint" not in n]
     assert replayed and all("bit for bit" in r for r in replayed)
 

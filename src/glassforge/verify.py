@@ -274,11 +274,11 @@ def check_data(run_root: Path, pred: dict) -> list[Claim]:
         return claims + [("data manifest", False, str(e))]
     got = (head.get("merkle") or {}).get("mix")
     want = attested.get("mix_merkle_root")
-    claims.append(("data merkle root", got == want, f"the run's data mix Merkle root {_short(got)}... is the attested one"
+    claims.append(("data root attested", got == want, f"the run's data mix Merkle root {_short(got)}... is the attested one"
                    if got == want else f"the run's data manifest has Merkle root {_short(got)}... but attested "
                                        f"{_short(want)}..."))
     got, want = head.get("order_sha256"), attested.get("order_sha256")
-    claims.append(("data order", got == want, "the run's data order is the attested one" if got == want
+    claims.append(("data order attested", got == want, "the run's data order is the attested one" if got == want
                    else f"the run's order.txt hash {_short(got)}... but attested {_short(want)}..."))
     tok = sha256_file(run.tokenizer / "tokenizer.json") if (run.tokenizer / "tokenizer.json").is_file() else None
     want = (pred.get("tokenizer") or {}).get("sha256")
