@@ -613,7 +613,8 @@ def verify_data(run: Run) -> list[tuple[str, bool, str]]:
         return checks + [("documents", False, f"{run.data / 'documents.jsonl'}: {e}")]
     missing = sorted(set(want) - set(got))
     if bad or missing:
-        what = f"{bad[0]} does not hash to its manifest entry" if bad else f"{missing[0]} is missing from documents.jsonl"
+        what = (f"{bad[0]} does not hash to its manifest entry" if bad
+                else f"{missing[0]} is missing from documents.jsonl")
         n = len(bad) + len(missing)
         checks.append(("document hashes", False, what + (f" ({n - 1} more)" if n > 1 else "")))
     else:
@@ -717,7 +718,8 @@ def inspect(run: Run, doc: str | None = None, token: int | None = None, step: in
         i = stream.document_of(token)
         doc_id = stream.doc_ids[i]
         start, end = int(stream.offsets[i]), int(stream.offsets[i + 1])
-        lines = [f"token {token} is token {token - start} of {end - start} (separator included) of stream document #{i}"]
+        lines = [f"token {token} is token {token - start} of {end - start} (separator included) "
+                 f"of stream document #{i}"]
         try:
             from glassforge.tokenizer import load_tokenizer
 

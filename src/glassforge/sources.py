@@ -419,8 +419,9 @@ def _iter_hf(src: SourceConfig) -> Iterator[RawDocument]:
         except StopIteration:
             return
         except Exception as e:  # a corrupt shard mid-stream: record it and stop this source
+            first_line = str(e).splitlines()[0][:200] if str(e) else ""
             yield RawDocument(f"{src.name}:{src.split}#{index}-", f"{uri_base}#{index}-", src.license, None,
-                              src.name, "hf_error", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                              src.name, "hf_error", f"{type(e).__name__}: {first_line}")
             return
         yield _record_text(src, record, f"{src.name}:{src.split}#{index}", f"{uri_base}#{index}")
         index += 1
