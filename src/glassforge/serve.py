@@ -376,7 +376,11 @@ class Server:
             if self._tracer is None:
                 from glassforge.trace import Tracer
 
-                self._tracer = Tracer(trace_dir)
+                try:
+                    self._tracer = Tracer(trace_dir)
+                except (UserError, OSError, ValueError) as e:
+                    raise APIError(500, f"the release's trace index cannot be used: {e}", "server_error",
+                                   code="trace_unavailable") from None
         return self._tracer
 
     def params(self, req: SamplingFields, max_tokens: int, logprobs: int | None,
