@@ -488,3 +488,45 @@ def test_worker_processes_give_the_same_result_as_one_process(tmp_path, monkeypa
         outputs.append([(run.data / n).read_bytes() for n in ("manifest.json", "documents.jsonl", "order.txt")])
     assert outputs[0] == outputs[1]
     assert b"exact_duplicate" in outputs[0][0]
+
+
+def test_fast_ascii_encoder_gives_the_tokenizers_ids(tmp_path):
+    from glassforge import pystdlib
+    from glassforge.shards import FastAsciiEncoder
+    from glassforge.tokenizer import train_tokenizer
+
+    texts = [gdata.normalize(d.text) for d in pystdlib.iter_documents(["json", "textwrap", "string", "shlex"])]
+    tok = train_tokenizer(texts, 600)
+    fast = FastAsciiEncoder(tok)
+    rng = random.Random(8)
+    alphabet = "abZ09'\n.,!-_ ?(){}\"sltvedmAB"
+    tricky = ["  leading", "trailing  ", "a\n\n b", "it's I'LL we've 'S", "123abc4.5", "x  y   z", "!!! ?",
+              "a <|endoftext|> b", "caf\u00e9 na\u00efve"]
+    samples = texts + tricky + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(800)]
+    used = 0
+    for t in samples:
+        if fast.usable(t):
+            used += 1
+            assert fast.encode(t) == tok.encode(t, add_special_tokens=False).ids, repr(t)
+    assert used > len(samples) * 0.8
+    assert not fast.usable("a <|endoftext|> b") and not fast.usable("caf\u00e9")
+
+
+def test_shards_fall_back_to_tokenizers_when_the_fast_path_disagrees(tmp_path, monkeypatch):
+    from glassforge import shards
+    from glassforge.tokenizer import load_tokenizer
+
+    a, b = _two_source_corpus(tmp_path / "in")
+    (a / "unicode.txt").write_text("Caf\u00e9 cr\u00e8me, na\u00efve r\u00e9sum\u00e9: " + prose(random.Random(1)))
+    run = make_run(tmp_path / "run", [{"name": "a", "kind": "files", "path": str(a)}], val_fraction=0.0)
+    build_shards(run)
+    good = (run.data / "train.bin").read_bytes()
+    monkeypatch.setattr(shards.FastAsciiEncoder, "encode", lambda self, text: [5] * 3)
+    shards.run_shards(run)
+    assert (run.data / "train.bin").read_bytes() == good
+    tok = load_tokenizer(run.tokenizer)
+    stream = shards.TokenStream(run.data, "train")
+    texts = {d["id"]: d["text"] for d in gdata.iter_documents(run)}
+    i = stream.doc_ids.index("a:unicode.txt")
+    assert stream.tokens[stream.offsets[i]:stream.offsets[i + 1] - 1].tolist() == tok.encode(
+        texts["a:unicode.txt"], add_special_tokens=False).ids
