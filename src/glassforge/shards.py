@@ -135,7 +135,7 @@ def run_shards(run: Run) -> dict:
         fast: FastAsciiEncoder | None = FastAsciiEncoder(tok)
     except ValueError:
         fast = None
-    checked: list[bool] = []
+    verified = [0]  # fast results compared with tokenizers' so far
     # Pass 1: tokenize every kept document once, in documents.jsonl order, into a temporary file.
     tmp_path = run.data / ".tokens_by_document.tmp"
     index: dict[str, int] = {}  # id -> position in documents.jsonl
@@ -153,12 +153,12 @@ def run_shards(run: Run) -> dict:
                     for i, d in enumerate(chunk):
                         if fast.usable(d["text"]):
                             results[i] = fast.encode(d["text"])
-                    if not checked:  # the first chunk: every fast result must equal tokenizers' own
-                        check = [i for i, r in enumerate(results) if r is not None][:64]
+                    if verified[0] < 64:  # the first 64 fast results must equal tokenizers' own
+                        check = [i for i, r in enumerate(results) if r is not None][:64 - verified[0]]
                         encs = encode([chunk[i]["text"] for i in check], add_special_tokens=False)
                         if any(results[i] != enc.ids for i, enc in zip(check, encs)):
                             fast, results = None, [None] * len(chunk)
-                        checked.append(True)
+                        verified[0] += len(check)
                 rest = [i for i, r in enumerate(results) if r is None]
                 if rest:
                     for i, enc in zip(rest, encode([chunk[i]["text"] for i in rest], add_special_tokens=False)):
