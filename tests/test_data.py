@@ -473,7 +473,7 @@ def test_pystdlib_ids_are_unique_even_for_repeated_names(tmp_path):
     assert len(ids) == len(set(ids)) and "py:posixpath.normpath~2" in ids
 
 
-def test_worker_processes_give_the_same_result_as_one_process(tmp_path, monkeypatch):
+def test_worker_processes_give_the_same_data_and_shards_as_one_process(tmp_path, monkeypatch):
     rng = random.Random(12)
     src = tmp_path / "c"
     src.mkdir()
@@ -484,8 +484,9 @@ def test_worker_processes_give_the_same_result_as_one_process(tmp_path, monkeypa
     for workers in ("0", "2"):
         monkeypatch.setenv("GLASSFORGE_DATA_WORKERS", workers)
         run = make_run(tmp_path / f"run{workers}", [{"name": "c", "kind": "files", "path": str(src)}])
-        gdata.run_data(run)
-        outputs.append([(run.data / n).read_bytes() for n in ("manifest.json", "documents.jsonl", "order.txt")])
+        build_shards(run)
+        outputs.append([(run.data / n).read_bytes() for n in ("manifest.json", "documents.jsonl", "order.txt",
+                                                              "train.bin", "val.bin", "train.offsets.npy")])
     assert outputs[0] == outputs[1]
     assert b"exact_duplicate" in outputs[0][0]
 
