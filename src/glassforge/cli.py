@@ -125,6 +125,13 @@ def cmd_contains(args) -> int:
     return contains_command(args.run, _read_text_arg(args.text), as_json=args.json)
 
 
+def cmd_report(args) -> int:
+    from glassforge.report import write_report
+
+    print(write_report(Path(args.run), Path(args.out) if args.out else None))
+    return 0
+
+
 def cmd_plot(args) -> int:
     from glassforge.runfolder import Run
     from glassforge.train import plot_metrics
@@ -228,6 +235,11 @@ def make_parser() -> argparse.ArgumentParser:
     ct.add_argument("text", help="the text, or - for stdin")
     ct.add_argument("--json", action="store_true")
     ct.set_defaults(func=cmd_contains)
+
+    rp = sub.add_parser("report", help="write one self-contained HTML report of a run (curves, data, eval, attestation)")
+    rp.add_argument("run", help="a run folder (or a release folder)")
+    rp.add_argument("--out", help="the HTML file to write (default: RUN/report.html)")
+    rp.set_defaults(func=cmd_report)
 
     pl = sub.add_parser("plot", help="redraw loss.png for the run's training stages")
     pl.add_argument("run")
