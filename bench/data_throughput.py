@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def generate(folder: Path, mb: int, seed: int = 0) -> dict:
     """Write the corpus; return {bytes, documents, planted_exact, planted_near}."""
     done = folder.with_name(folder.name + ".json")  # beside the corpus, not in it
-    if done.is_file():
+    if done.is_file() and folder.is_dir():
         return json.loads(done.read_text())
     import numpy as np
 
