@@ -215,6 +215,7 @@ def bench_llamacpp(release: Path, gguf: Path | None, prompt_ids: list[int], toke
     from glassforge.tokenizer import END, ENDOFTEXT, load_tokenizer
 
     tok = load_tokenizer(release)
+    n_ctx = json.loads((release / "config.json").read_text())["max_position_embeddings"]
     bias = {tok.token_to_id(END): -1e9, tok.token_to_id(ENDOFTEXT): -1e9}
 
     def run(llm, n: int) -> tuple[int, float, float]:
@@ -230,7 +231,7 @@ def bench_llamacpp(release: Path, gguf: Path | None, prompt_ids: list[int], toke
 
     best = 0.0
     for threads in THREADS:  # the peer at its best thread count
-        llm = LlamaCpp(model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=THREADS[-1],
+        llm = LlamaCpp(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=THREADS[-1],
                        n_batch=512, verbose=False)
         run(llm, 8)
         count, first, last = run(llm, tokens)

@@ -478,6 +478,29 @@ class Server:
         return await asyncio.to_thread(tracer.trace, text)
 
 
+def merge_pending(ev: Event, q: asyncio.Queue) -> Event:
+    """Fold events of the same choice that are already waiting into ev: one SSE chunk instead of many.
+
+    When clients or the network are slower than the engine, this keeps the
+    number of chunks (and their JSON) from growing with the backlog.
+    """
+    if ev.error or ev.finish_reason:
+        return ev
+    while not q.empty():
+        nxt = q._queue[0]  # peek: only the same choice, and never past a finish or an error
+        if nxt.index != ev.index or nxt.error or nxt.prompt_logprobs is not None:
+            break
+        q.get_nowait()
+        ev.text += nxt.text
+        ev.tokens = ev.tokens + nxt.tokens
+        ev.completion_tokens = nxt.completion_tokens
+        if nxt.finish_reason:
+            ev.finish_reason = nxt.finish_reason
+            ev.prompt_tokens = nxt.prompt_tokens
+            break
+    return ev
+
+
 def legacy_logprobs(entries: list[TokenLogprob], base_offset: int = 0) -> dict:
     top = []
     for e in entries:
@@ -752,7 +775,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
             try:
                 first_seen: set[int] = set()
                 while finished < len(requests):
-                    ev = await q.get()
+                    ev = merge_pending(await q.get(), q)
                     if ev.error:
                         yield _sse(error_body(ev.error, "server_error"))
                         return
@@ -867,7 +890,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
                                                       "logprobs": None, "finish_reason": None}], **extra})
                 finished = 0
                 while finished < n:
-                    ev = await q.get()
+                    ev = merge_pending(await q.get(), q)
                     if ev.error:
                         yield _sse(error_body(ev.error, "server_error"))
                         return
