@@ -68,20 +68,6 @@ def final_weights(run: Run) -> tuple[str, Path]:
     raise UserError(f"{run.root}: holds no model (no pretrain or sft checkpoint); run `glassforge pretrain` first")
 
 
-# Licence identifiers the Hugging Face Hub accepts in a model card's `license:` field (the common ones).
-HF_LICENSES = {"apache-2.0", "mit", "bsd", "bsd-2-clause", "bsd-3-clause", "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0",
-               "cc-by-nc-4.0", "gpl-2.0", "gpl-3.0", "lgpl-2.1", "lgpl-3.0", "agpl-3.0", "mpl-2.0", "isc",
-               "unlicense", "odc-by", "odbl", "pddl", "zlib", "artistic-2.0", "epl-2.0"}
-
-
-def _license_header(licenses: list[str]) -> list[str]:
-    """The card's licence lines: a Hub identifier where there is one, else `other` with the names."""
-    if len(licenses) == 1 and licenses[0].lower() in HF_LICENSES:
-        return [f"license: {licenses[0].lower()}"]
-    name = "-".join(licenses).lower().replace(" ", "-") or "unknown"
-    return ["license: other", f"license_name: {name}"]
-
-
 def _count_params(weights: Path) -> int:
     """Parameters in a safetensors file, from its header alone."""
     from safetensors import safe_open
@@ -108,7 +94,7 @@ def model_card(run: Run, stage: str) -> str:
 
     lines = [
         "---",
-        *_license_header(licenses),
+        f"license: {licenses[0].lower() if len(licenses) == 1 else 'other'}",
         "language:\n- en",
         "library_name: transformers",
         "pipeline_tag: text-generation",
