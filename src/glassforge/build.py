@@ -47,7 +47,8 @@ def _entry(module: str, func: str) -> Callable[[Run], dict]:
 
 
 STAGES: list[Stage] = [
-    Stage("data", ("data",), lambda r: [r.data / "documents.jsonl", r.data / "manifest.json"], lambda r: None,
+    # The manifest is left out of the fingerprint: the shards stage adds token counts to it.
+    Stage("data", ("seed", "data"), lambda r: [r.data / "documents.jsonl", r.data / "order.txt"], lambda r: None,
           _entry("data", "run_data")),
     Stage("tokenizer", ("tokenizer",), lambda r: [r.tokenizer / "tokenizer.json"], lambda r: r.tokenizer,
           _entry("tokenizer", "run_tokenizer")),

@@ -51,7 +51,7 @@ class DataConfig:
     near_dedup_shingle: int = 5
     near_dedup_bands: int = 14
     near_dedup_rows: int = 8
-    decontaminate: list[str] = field(default_factory=list)  # eval sets (JSONL paths, or builtin names)
+    decontaminate: list[str] = field(default_factory=list)  # eval sets: paths of .jsonl/.json/.txt files
     decontaminate_ngram: int = 13
 
 

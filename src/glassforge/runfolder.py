@@ -58,10 +58,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public_mode(fd: int) -> None:
+    """mkstemp makes files private (0600); a written artifact gets the usual 0666 & ~umask."""
+    os.fchmod(fd, 0o666 & ~_umask())
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _public_mode(fd)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -92,6 +104,7 @@ class AtomicFile:
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        _public_mode(fd)
         self.f = os.fdopen(fd, self.mode, **({} if "b" in self.mode else {"encoding": "utf-8"}))
         return self.f
 
@@ -113,6 +126,7 @@ def atomic_write_dir(final: Path, fill) -> None:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         fill(tmp)
         for p in tmp.rglob("*"):
