@@ -29,7 +29,7 @@ def test_build_writes_the_run_folder_contract(tiny_run):
     summary = json.loads((tiny_run / "sft/summary.json").read_text())
     assert summary["val_loss"] < summary["base_val_loss"]  # fine-tuning helps on held-out conversations
     card = (tiny_run / "release/README.md").read_text()
-    assert card.startswith("---\nlicense: psf-2.0") and "## Evaluation" in card
+    assert card.startswith("---\nlicense: other\nlicense_name: psf-2.0\n") and "## Evaluation" in card
 
 
 def test_rebuild_trains_nothing(tiny_run):

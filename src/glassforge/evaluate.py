@@ -310,6 +310,6 @@ def results_table(results: dict) -> str:
         rows.append(f"| held-out conversations | assistant-token loss, base → fine-tuned | "
                     f"{sft['base_val_loss']:.3f} → {sft['val_loss']:.3f} |")
     removed = results.get("decontamination", {}).get("removed", {})
-    note = (f"\nEvaluation items sharing a {results['decontamination']['ngram']}-gram of tokens with the training "
+    note = (f"\n\nEvaluation items sharing a {results['decontamination']['ngram']}-gram of tokens with the training "
             f"data were removed before scoring: " + ", ".join(f"{k}: {v}" for k, v in removed.items()) + ".") if removed else ""
     return "\n".join(rows) + note

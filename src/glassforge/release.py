@@ -76,6 +76,17 @@ def _count_params(weights: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
+# Licence identifiers the Hugging Face Hub knows; anything else is `other` with its own name.
+HUB_LICENSES = {"apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0",
+                "cc-by-nc-4.0", "gpl-2.0", "gpl-3.0", "lgpl-3.0", "agpl-3.0", "mpl-2.0", "odc-by", "odbl", "unlicense"}
+
+
+def hub_license_lines(licenses: list[str]) -> list[str]:
+    if len(licenses) == 1 and licenses[0].lower() in HUB_LICENSES:
+        return [f"license: {licenses[0].lower()}"]
+    return ["license: other", f"license_name: {'-'.join(l.lower() for l in licenses) or 'unknown'}"]
+
+
 def model_card(run: Run, stage: str) -> str:
     from glassforge.train import read_metrics
 
@@ -94,7 +105,7 @@ def model_card(run: Run, stage: str) -> str:
 
     lines = [
         "---",
-        f"license: {licenses[0].lower() if len(licenses) == 1 else 'other'}",
+        *hub_license_lines(licenses),
         "language:\n- en",
         "library_name: transformers",
         "pipeline_tag: text-generation",
