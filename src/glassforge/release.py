@@ -328,14 +328,10 @@ def run_release(run: Run, sign_key: Path | None = None) -> dict:
         write_data_card(run, tmp)  # DATA_CARD.md and its figure, by the data stage
         atomic_write_text(tmp / "recipe.toml", run.recipe.read_text())
         _copy_replay_files(run, tmp, replay)
-        trace_sha = None
-        try:
-            from glassforge import trace
-        except ImportError:
-            trace = None
-        if getattr(trace, "build_index", None) is not None and (run.data / "shards.json").is_file():
-            trace.build_index(run.data, tmp / "trace")
-            trace_sha = folder_sha256(tmp / "trace")
+        from glassforge.trace import build_index
+
+        build_index(run.data, tmp / "trace")  # after tokenizer.json is in place: the index records its hash
+        trace_sha = folder_sha256(tmp / "trace")
         files = {k: v for k, v in file_manifest(tmp).items() if k not in SIGNED_FILES}
         atomic_write_json(tmp / "manifest.json", {"glassforge_version": __version__, "recipe_sha256": recipe.hash(),
                                                   "weights_from": stage, "files": files})
