@@ -11,6 +11,12 @@ the two projections that write into the residual stream (`o_proj`, `down_proj`)
 are scaled by 1/sqrt(2 * n_layers) so the residual's variance stays flat with
 depth (GPT-2's rule); norms start at one.
 
+Speed without renaming anything: the training path computes q, k and v with
+one matmul over the three weights concatenated, and gate and up likewise (the
+parameters keep their Hugging Face names and shapes); grouped-query attention
+goes through SDPA's `enable_gqa` rather than copying keys and values per group.
+`tests/test_model.py` checks logits, loss and gradients against transformers.
+
 Two forward paths: `forward` for training (whole sequences, causal mask) and
 `forward_cached` for inference, which writes keys and values into a `KVCache`
 at explicit positions, so sequences of different lengths can share one batch.
