@@ -2,6 +2,7 @@
 
     flock /tmp/gf-cpu.lock .venv/bin/python bench/serve_throughput.py [RELEASE] [--tokens 128]
         [--concurrency 1,4,16,32] [--gguf FILE] [--no-hf] [--no-llamacpp] [--decode-threads N]
+        [--probe-threads]
 
 RELEASE is a run folder or release/ folder; without one, a random-weight model
 with the `default` recipe's shape (d_model 256, 6 layers, 8 heads, 4 KV heads,
@@ -242,6 +243,33 @@ def bench_llamacpp(release: Path, gguf: Path | None, prompt_ids: list[int], toke
     return best, None
 
 
+def probe_threads(release: Path, batches=(1, 4, 16, 32), span: int = 150, steps: int = 60) -> None:
+    """Median and 10th-percentile ms per decode step at each batch size, with 1 and with all threads."""
+    import torch
+
+    from glassforge.engine import Engine
+
+    engine = Engine(release, max_batch=max(batches))
+    engine.close()
+    torch.set_grad_enabled(False)
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        row = []
+        for b in batches:
+            tok, pos = torch.zeros(b, dtype=torch.long), torch.full((b,), span)
+            for _ in range(3):
+                engine.fast.decode(tok, pos, engine.cache)
+            times = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                engine.fast.decode(tok, pos, engine.cache)
+                times.append(time.perf_counter() - t)
+            times.sort()
+            row.append(f"batch {b}: {times[len(times) // 2] * 1e3:.2f} ms (p10 {times[len(times) // 10] * 1e3:.2f})")
+        print(f"{threads} thread(s): " + ", ".join(row))
+    print("load average:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("release", nargs="?", type=Path)
@@ -250,7 +278,9 @@ def main() -> int:
     p.add_argument("--gguf", type=Path)
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-llamacpp", action="store_true")
-    p.add_argument("--decode-threads", type=int, help="the server's decode threads (default: the engine's, 1)")
+    p.add_argument("--decode-threads", type=int, help="pin the server's decode threads (default: measured)")
+    p.add_argument("--probe-threads", action="store_true",
+                   help="only time decode steps with 1 and with all threads at batch 1, 4, 16, 32")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -264,12 +294,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         release = resolve_release(args.release) if args.release else make_random_release(tmp)
+        if args.probe_threads:
+            probe_threads(release)
+            return 0
         prompt_ids = load_tokenizer(release).encode(PROMPT, add_special_tokens=False).ids
         res: dict = {"release": str(args.release or "random weights, default-recipe shape"),
                      "tokens": args.tokens, "prompt_tokens": len(prompt_ids), "torch_threads": torch.get_num_threads()}
         res["engine_single_decode_tps"] = bench_engine(release, prompt_ids, args.tokens)
         res.update(bench_server(release, prompt_ids, args.tokens, levels, args.decode_threads))
-        res["decode_threads"] = args.decode_threads or 1
+        res["decode_threads"] = args.decode_threads or "measured"
         if not args.no_hf:
             res["hf_single_decode_tps"] = bench_hf(release, prompt_ids, args.tokens)
         if not args.no_llamacpp:
