@@ -1,7 +1,7 @@
 """Serving throughput: glassforge's server against HF transformers and llama.cpp, same weights, same run.
 
     flock /tmp/gf-cpu.lock .venv/bin/python bench/serve_throughput.py [RELEASE] [--tokens 128]
-        [--concurrency 1,4,16,32] [--gguf FILE] [--no-hf] [--no-llamacpp] [--decode-threads N]
+        [--concurrency 1,4,16,32] [--gguf FILE] [--no-hf] [--no-llamacpp] [--decode-threads N|auto]
         [--probe-threads]
 
 RELEASE is a run folder or release/ folder; without one, a random-weight model
@@ -124,7 +124,7 @@ async def server_runs(base: str, prompt_ids: list[int], tokens: int, levels: lis
 
 
 def bench_server(release: Path, prompt_ids: list[int], tokens: int, levels: list[int],
-                 decode_threads: int | None = None) -> dict:
+                 decode_threads: str | int | None = None) -> dict:
     import httpx
 
     port = free_port()
@@ -278,7 +278,7 @@ def main() -> int:
     p.add_argument("--gguf", type=Path)
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-llamacpp", action="store_true")
-    p.add_argument("--decode-threads", type=int, help="pin the server's decode threads (default: measured)")
+    p.add_argument("--decode-threads", help="the server's decode threads: a number, or auto (default: the engine's, 1)")
     p.add_argument("--probe-threads", action="store_true",
                    help="only time decode steps with 1 and with all threads at batch 1, 4, 16, 32")
     args = p.parse_args()
@@ -302,7 +302,7 @@ def main() -> int:
                      "tokens": args.tokens, "prompt_tokens": len(prompt_ids), "torch_threads": torch.get_num_threads()}
         res["engine_single_decode_tps"] = bench_engine(release, prompt_ids, args.tokens)
         res.update(bench_server(release, prompt_ids, args.tokens, levels, args.decode_threads))
-        res["decode_threads"] = args.decode_threads or "measured"
+        res["decode_threads"] = args.decode_threads or "1 (default)"
         if not args.no_hf:
             res["hf_single_decode_tps"] = bench_hf(release, prompt_ids, args.tokens)
         if not args.no_llamacpp:

@@ -37,8 +37,8 @@ masked out before sampling, and the sequence stops when the grammar is done.
 
 The forward passes do not go through `Llama.forward_cached` but through
 `FastPath` (same weights and arithmetic, fewer and larger operations), and
-decode steps run on one intra-op thread: on two shared cores a second thread
-spent most of each small operation waiting to be scheduled.
+decode steps run on one intra-op thread by default: on two shared cores a
+second thread spent most of each small operation waiting to be scheduled.
 
 Results leave the engine as `Event`s through a callback the caller supplies
 (the server hands events to its event loop with `call_soon_threadsafe`).
@@ -334,10 +334,16 @@ class Engine:
         # for the scheduler (on 2 shared cores, and with the HTTP side needing a core, one thread was
         # several times faster, see docs/PERFORMANCE.md); long prompts are big matmuls and get them all.
         self.all_threads = torch.get_num_threads()
-        env_threads = os.environ.get("GLASSFORGE_DECODE_THREADS")
-        fixed = decode_threads or (int(env_threads) if env_threads else None)
-        self.decode_threads = fixed or 1
-        self.tuner = ThreadTuner(sorted({1, self.all_threads}) if fixed is None else [fixed])
+        # GLASSFORGE_DECODE_THREADS: a number pins it; "auto" measures 1 against all (ThreadTuner). The
+        # default is 1: in the server the HTTP side and its clients need the other core, and the tuner lost
+        # to a pinned single thread there (docs/PERFORMANCE.md).
+        env_threads = os.environ.get("GLASSFORGE_DECODE_THREADS", "").strip().lower()
+        if decode_threads is None and env_threads == "auto":
+            self.tuner = ThreadTuner(sorted({1, self.all_threads}))
+        else:
+            fixed = decode_threads or (int(env_threads) if env_threads.isdigit() else 1)
+            self.tuner = ThreadTuner([max(1, fixed)])
+        self.decode_threads = self.tuner.options[0]
         self.free_slots = list(range(max_batch - 1, -1, -1))  # popped from the end: lowest first
         self.running: list[Sequence] = []
         self.waiting: collections.deque[Sequence] = collections.deque()
