@@ -47,7 +47,7 @@ def test_rebuild_trains_nothing(tiny_run):
 def test_generate_is_deterministic(tiny_run):
     cmd = [sys.executable, "-m", "glassforge", "generate", str(tiny_run), "--prompt", "def", "--max-tokens", "12"]
     a = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    b = subprocess.run(cmd[:3] + [str(tiny_run / "release")] + cmd[4:], capture_output=True, text=True, timeout=120)
+    b = subprocess.run(cmd[:4] + [str(tiny_run / "release")] + cmd[5:], capture_output=True, text=True, timeout=120)
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.strip()
 

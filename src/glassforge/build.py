@@ -10,6 +10,7 @@ again, resuming from its checkpoints where it has them.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -98,6 +99,8 @@ def is_current(run: Run, name: str) -> bool:
 def run_stage(run: Run, name: str, **options) -> dict:
     """Run one stage (the CLI's `glassforge STAGE RUN`), recording it as complete."""
     stage = STAGES[STAGE_NAMES.index(name)]
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 clears and records
+        return {"stage": name, **(stage.entry(run, **options) or {})}
     input_hash = stage_input_hash(run, name)
     previous = run.read_state().get(name)
     folder = stage.folder(run)

@@ -23,7 +23,8 @@ def _stage(name: str):
         from glassforge.runfolder import Run
 
         result = run_stage(Run.open(args.run), name)
-        print(json.dumps(result, indent=2, default=str))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result, indent=2, default=str))
         return 0
 
     return run_stage

@@ -78,7 +78,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     optimizer: str = "adamw"  # adamw | muon
     dtype: str = "auto"  # auto (bf16 where the hardware has it) | bf16 | fp32
-    compile: bool = False
+    compile: str = "auto"  # auto (GPUs always; CPUs for long runs, where compiling pays) | on | off
     fsdp: bool = False
     eval_every: int = 100
     eval_batches: int = 8

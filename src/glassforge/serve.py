@@ -57,6 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glassforge.engine import ContextTooLong, Engine, Event, QueueFull, SamplingParams, TokenLogprob
 from glassforge.errors import UserError
+from glassforge.web import is_public_path
 
 MAX_BODY_BYTES = 8 << 20
 MAX_SEQUENCES_PER_REQUEST = 64
@@ -292,7 +293,7 @@ class Guard:
         self.metrics.in_flight += 1
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            if self.api_key and path not in PUBLIC_PATHS:
+            if self.api_key and path not in PUBLIC_PATHS and not is_public_path(path):
                 auth = headers.get("authorization", "")
                 scheme, _, token = auth.partition(" ")
                 if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
@@ -963,6 +964,7 @@ def banner_text(host: str, port: int, model: str, api_key: str | None) -> str:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
     return "\n".join([
         f"glassforge: serving '{model}' at {url}",
+        f"  web chat (see where answers come from): http://{shown}:{port}/",
         "",
         "  curl:",
         f"    curl {url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
@@ -973,6 +975,7 @@ def banner_text(host: str, port: int, model: str, api_key: str | None) -> str:
         f"    print(client.chat.completions.create(model=\"{model}\", "
         "messages=[{\"role\": \"user\", \"content\": \"Hello!\"}]).choices[0].message.content)",
         "",
+        "  Ctrl-C stops the server.",
     ])
 
 
@@ -996,6 +999,9 @@ def serve(run: Path | str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     engine = Engine(run, max_batch=max_batch, max_context=max_context, max_queue=max_queue)
     app = create_app(engine, api_key=api_key)
     model = app.state.server.model_name
+    from glassforge.web import mount
+
+    mount(app, engine.folder, {"model": model, "auth_required": bool(api_key), "max_context": engine.max_context})
     if banner:
         print(banner_text(host, port, model, api_key), flush=True)
     try:
