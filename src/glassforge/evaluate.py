@@ -284,6 +284,14 @@ def run_eval(run: Run, tasks: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         write_model_folder(Path(tmp), recipe.model, weights, run.tokenizer)
         results = evaluate_model(run, Path(tmp), task_list, recipe.eval.limit)
+        if stage == "sft" and "val-loss" in task_list:
+            # Fine-tuning trades some language modelling for chat; show both sides of the trade.
+            from glassforge.model import Llama
+            from glassforge.train import latest_weights
+
+            write_model_folder(Path(tmp), recipe.model, latest_weights(run.pretrain), run.tokenizer)
+            base = Llama.from_pretrained(Path(tmp))
+            results["tasks"]["val-loss (base model)"] = val_loss_by_source(base, run, recipe.pretrain.seq_len)
     results["model"] = stage
     from glassforge.sft import sft_summary
 
@@ -298,9 +306,10 @@ def results_table(results: dict) -> str:
     """A markdown table of eval.json for the model card."""
     rows = ["| task | metric | value |", "|---|---|---|"]
     for task, r in results.get("tasks", {}).items():
-        if task == "val-loss":
+        if task.startswith("val-loss"):
+            which = " (base model)" if "base" in task else ""
             for source, v in r.items():
-                rows.append(f"| validation loss ({source}) | nats/token, bits/byte | {v['loss']:.3f}, {v['bpb']:.3f} |")
+                rows.append(f"| validation loss{which} ({source}) | nats/token, bits/byte | {v['loss']:.3f}, {v['bpb']:.3f} |")
         else:
             for k, v in r.items():
                 if k != "n" and isinstance(v, float):

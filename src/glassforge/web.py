@@ -122,13 +122,14 @@ def eval_rows(results: dict) -> list[dict]:
     for task, r in (results.get("tasks") or {}).items():
         if not isinstance(r, dict):
             continue
-        if task == "val-loss":
+        if task.startswith("val-loss"):
+            which = " (base model)" if "base" in task else ""
             for source, v in r.items():
                 if isinstance(v, dict) and "loss" in v:
-                    rows.append({"task": f"validation loss ({source})", "metric": "nats/token",
+                    rows.append({"task": f"validation loss{which} ({source})", "metric": "nats/token",
                                  "value": f"{v['loss']:.3f}"})
                     if v.get("bpb") is not None:
-                        rows.append({"task": f"validation loss ({source})", "metric": "bits/byte",
+                        rows.append({"task": f"validation loss{which} ({source})", "metric": "bits/byte",
                                      "value": f"{v['bpb']:.3f}"})
         else:
             for k, v in r.items():
