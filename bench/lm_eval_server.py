@@ -13,7 +13,9 @@ tasks whose data are local JSONL files:
 - `gf_gen`: `generate_until` with six stop strings;
 
 runs them with `lm_eval.simple_evaluate(model="local-completions")` and checks
-the answers against the engine's own numbers: each multiple-choice decision
+the answers against the engine's own numbers and `glassforge eval`'s scorer
+(the multiple-choice task uses its "Question: ...\nAnswer:" format; the two
+accuracies must agree within one point): each multiple-choice decision
 must equal the argmax of the continuation log-likelihoods computed directly
 from the model, and each generation must equal the server's greedy
 continuation cut at the first stop string. Prints the metrics and exits 1 on a
@@ -59,7 +61,7 @@ dataset_kwargs:
     test: {folder / 'mc.jsonl'}
 test_split: test
 output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{answer}}}}"
 metric_list:
@@ -110,7 +112,7 @@ def run_lm_eval(base_url: str, model: str, max_length: int, engine, workdir: Pat
 
     for s in out["samples"]["gf_mc"]:
         doc = s["doc"]
-        ref = [loglik(doc["question"], " " + c) for c in doc["choices"]]
+        ref = [loglik(f"Question: {doc['question']}\nAnswer:", " " + c) for c in doc["choices"]]
         got = [float(r[0][0]) for r in s["resps"]]
         if max(abs(a - b) for a, b in zip(ref, got)) > 1e-3:
             problems.append(f"gf_mc: log-likelihoods {got} differ from the model's {ref}")
@@ -123,6 +125,15 @@ def run_lm_eval(base_url: str, model: str, max_length: int, engine, workdir: Pat
         got = s["resps"][0][0]
         if got != text:
             problems.append(f"gf_gen: lm_eval got {got!r}, the engine makes {text!r}")
+    # The same task through our own `glassforge eval` scorer must agree within one point of accuracy.
+    from glassforge.evaluate import score_multiple_choice
+    from glassforge.tokenizer import load_tokenizer
+
+    docs = [s["doc"] for s in out["samples"]["gf_mc"]]
+    ours = score_multiple_choice(engine.model, load_tokenizer(engine.folder), docs)["acc"]
+    theirs = out["results"]["gf_mc"]["acc,none"]
+    if abs(ours - theirs) > 0.01:
+        problems.append(f"gf_mc: lm_eval accuracy {theirs:.3f} but glassforge eval {ours:.3f}")
     return {"results": {t: {k: v for k, v in r.items() if isinstance(v, (int, float))}
                         for t, r in out["results"].items()},
             "n_samples": {t: len(v) for t, v in out["samples"].items()}, "problems": problems}
