@@ -318,7 +318,8 @@ def replay_training(release: Path, run_root: Path, pred: dict) -> list[Claim]:
         tmp.data.mkdir(parents=True)
         tmp.tokenizer.mkdir()
         shutil.copyfile(release / "recipe.toml", tmp.recipe)
-        for name in ("documents.jsonl", "order.txt"):
+        # The shards stage also records token counts in the manifest, so it needs a copy too.
+        for name in ("documents.jsonl", "order.txt", "manifest.json"):
             if not (source.data / name).is_file():
                 return [("replay", False, f"{source.data / name} is missing")]
             shutil.copyfile(source.data / name, tmp.data / name)
