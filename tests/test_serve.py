@@ -11,30 +11,9 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import LiveServer
 
 openai = pytest.importorskip("openai")
-
-
-class LiveServer:
-    """uvicorn on 127.0.0.1 with an ephemeral port, in a thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.root = f"http://127.0.0.1:{port}"
-        self.base = f"{self.root}/v1"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def start(folder, api_key=None, **engine_kw):

@@ -115,6 +115,18 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
 
+    def absorb(self, ev: "Event") -> bool:
+        """Fold a later event of the same choice into this one; True when it finished the choice."""
+        self.text += ev.text
+        self.tokens += ev.tokens
+        if ev.prompt_logprobs is not None:
+            self.prompt_logprobs = ev.prompt_logprobs
+        if ev.finish_reason:
+            self.finish_reason = ev.finish_reason
+            self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
+            return True
+        return False
+
 
 Sink = Callable[[Event], None]
 
@@ -468,17 +480,9 @@ class Engine:
         finished = 0
         while finished < n:
             ev = q.get()
-            m = merged[ev.index]
             if ev.error:
                 raise RuntimeError(ev.error)
-            m.text += ev.text
-            m.tokens += ev.tokens
-            if ev.prompt_logprobs is not None:
-                m.prompt_logprobs = ev.prompt_logprobs
-            if ev.finish_reason:
-                m.finish_reason = ev.finish_reason
-                m.prompt_tokens, m.completion_tokens = ev.prompt_tokens, ev.completion_tokens
-                finished += 1
+            finished += merged[ev.index].absorb(ev)
         return [merged[i] for i in range(n)]
 
     @property

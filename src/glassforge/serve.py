@@ -450,15 +450,7 @@ class Server:
                     raise APIError(499, "client disconnected")
                 if ev.error:
                     raise APIError(500, ev.error, "server_error")
-                m = merged.setdefault(ev.index, Event(index=ev.index))
-                m.text += ev.text
-                m.tokens += ev.tokens
-                if ev.prompt_logprobs is not None:
-                    m.prompt_logprobs = ev.prompt_logprobs
-                if ev.finish_reason:
-                    m.finish_reason = ev.finish_reason
-                    m.prompt_tokens, m.completion_tokens = ev.prompt_tokens, ev.completion_tokens
-                    finished += 1
+                finished += merged.setdefault(ev.index, Event(index=ev.index)).absorb(ev)
         except BaseException:
             self.engine.cancel(seqs)
             raise
