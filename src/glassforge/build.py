@@ -70,9 +70,7 @@ def fingerprint(paths: list[Path]) -> str:
 
 
 def stage_input_hash(run: Run, name: str) -> str:
-    """Hash of what stage `name` reads: its recipe sections and the previous stage's outputs."""
-    from glassforge import __version__  # noqa: F401  (code version is recorded, not hashed: see module doc)
-
+    """Hash of what stage `name` reads: its recipe sections and every earlier stage's outputs."""
     recipe = run.load_recipe()
     i = STAGE_NAMES.index(name)
     stage = STAGES[i]

@@ -92,7 +92,6 @@ class TrainConfig:
 class SFTConfig(TrainConfig):
     enabled: bool = True
     conversations: list[str] = field(default_factory=lambda: ["pystdlib-qa"])
-    epochs_cap: int = 0  # unused unless set: stop after this many passes
 
 
 @dataclass
