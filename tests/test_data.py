@@ -513,6 +513,53 @@ def test_fast_ascii_encoder_gives_the_tokenizers_ids(tmp_path):
     assert not fast.usable("a <|endoftext|> b") and not fast.usable("caf\u00e9")
 
 
+STRESS = "abZ09'\n\t\r\x0b\x0c\x1c\x1f\x00\x7f.,!-_ ?(){}\"sltvedmrAB     "
+
+
+def test_piece_starts_are_the_byte_level_pre_tokenizer_pieces():
+    """Contractions, whitespace runs, \\x1c-\\x1f (not whitespace for tokenizers' regex), documents end to end."""
+    from tokenizers import pre_tokenizers
+
+    from glassforge.shards import piece_starts
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    rng = random.Random(5)
+    fixed = ["it's 're x'll 'd\n've 'S ''s .'s", "a  b\n\n c \t\nd", "  ", "'", "'r", "x'v", "\x1c\x1c. \x1fa"]
+    for trial in range(300):
+        docs = fixed if trial == 0 else ["".join(rng.choice(STRESS) for _ in range(rng.randint(0, 30)))
+                                          for _ in range(rng.randint(1, 8))]
+        want, at = [], 0
+        for d in docs:
+            # pre_tokenize_str's offsets count characters; all ASCII here, so they are bytes too
+            want += [at + start for _, (start, _) in pre.pre_tokenize_str(d)]
+            at += len(d)
+        doc_starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
+        got = piece_starts(np.frombuffer("".join(docs).encode(), dtype=np.uint8), doc_starts)
+        assert got.tolist() == want, docs
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_fast_ascii_encoder_batches_equal_tokenizers(dtype):
+    from glassforge import pystdlib
+    from glassforge.shards import FastAsciiEncoder
+    from glassforge.tokenizer import train_tokenizer
+
+    texts = [gdata.normalize(d.text) for d in pystdlib.iter_documents(["json", "textwrap"])]
+    tok = train_tokenizer(texts, 400)
+    fast = FastAsciiEncoder(tok, dtype)
+    rng = random.Random(6)
+    batches = [texts] + [["".join(rng.choice(STRESS) for _ in range(rng.randint(0, 50)))
+                          for _ in range(rng.randint(1, 20))] for _ in range(200)]
+    for batch in batches:
+        ids, counts = fast.encode_batch(batch)
+        want = [tok.encode(t, add_special_tokens=False).ids for t in batch]
+        assert ids.dtype == dtype and counts.tolist() == [len(w) for w in want], batch
+        assert ids.tolist() == [i for w in want for i in w], batch
+    fast.MAX_CACHE = 10  # a full cache is emptied and refilled: same ids
+    ids, counts = fast.encode_batch(texts[:3])
+    assert ids.tolist() == [i for t in texts[:3] for i in tok.encode(t, add_special_tokens=False).ids]
+
+
 def test_shards_fall_back_to_tokenizers_when_the_fast_path_disagrees(tmp_path, monkeypatch):
     from glassforge import shards
     from glassforge.tokenizer import load_tokenizer
@@ -522,7 +569,8 @@ def test_shards_fall_back_to_tokenizers_when_the_fast_path_disagrees(tmp_path, m
     run = make_run(tmp_path / "run", [{"name": "a", "kind": "files", "path": str(a)}], val_fraction=0.0)
     build_shards(run)
     good = (run.data / "train.bin").read_bytes()
-    monkeypatch.setattr(shards.FastAsciiEncoder, "encode", lambda self, text: [5] * 3)
+    monkeypatch.setattr(shards.FastAsciiEncoder, "encode_batch", lambda self, texts: (
+        np.full(3 * len(texts), 5, dtype=self.dtype), np.full(len(texts), 3)))
     shards.run_shards(run)
     assert (run.data / "train.bin").read_bytes() == good
     tok = load_tokenizer(run.tokenizer)
@@ -531,3 +579,20 @@ def test_shards_fall_back_to_tokenizers_when_the_fast_path_disagrees(tmp_path, m
     i = stream.doc_ids.index("a:unicode.txt")
     assert stream.tokens[stream.offsets[i]:stream.offsets[i + 1] - 1].tolist() == tok.encode(
         texts["a:unicode.txt"], add_special_tokens=False).ids
+
+
+def test_chunk_tokenizer_mixes_fast_and_tokenizers_documents_in_order():
+    from glassforge import pystdlib
+    from glassforge.shards import _ChunkTokenizer
+    from glassforge.tokenizer import ENDOFTEXT, train_tokenizer
+
+    texts = [gdata.normalize(d.text) for d in pystdlib.iter_documents(["json"])]
+    tok = train_tokenizer(texts, 400)
+    eot = tok.token_to_id(ENDOFTEXT)
+    chunk = ["plain words", "caf\u00e9 cr\u00e8me", "", f"a {ENDOFTEXT} b", texts[0], "it's", "na\u00efve"]
+    tokenize = _ChunkTokenizer(tok, np.dtype(np.uint16), eot)
+    stream, lengths = tokenize(chunk)
+    want = [tok.encode(t, add_special_tokens=False).ids + [eot] for t in chunk]
+    assert tokenize.fast is not None  # the check against tokenizers passed
+    assert lengths.tolist() == [len(w) for w in want]
+    assert stream.tolist() == [i for w in want for i in w]

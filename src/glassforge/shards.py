@@ -13,8 +13,9 @@ validation documents follow `documents.jsonl`. `shards.json` records the
 tokenizer's sha256, the seed and the order file's sha256.
 
 Tokenizing is most of this stage's time. ASCII documents go through
-`FastAsciiEncoder` (the same ids as `tokenizers`, checked at the start of
-every run), the rest through `tokenizers`' `encode_batch_fast`.
+`FastAsciiEncoder`, a batch at a time in numpy and pyarrow (the same ids as
+`tokenizers`, checked at the start of every run), the rest through
+`tokenizers`' `encode_batch_fast`.
 
 Memory stays bounded whatever the corpus size: documents are tokenized once,
 streaming, in `documents.jsonl` order into a temporary token file (with each
@@ -32,7 +33,6 @@ Files are memory-mapped by readers; `np.load` never unpickles (allow_pickle=Fals
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -59,24 +59,89 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-class FastAsciiEncoder:
-    """Byte-level BPE for ASCII documents, several times faster than `tokenizers`' own pipeline, same ids.
+# ASCII character classes of the GPT-2 pre-tokenizer pattern, as `tokenizers` (Oniguruma) applies it:
+# whitespace is \t \n \v \f \r and space (not \x1c-\x1f, which Python's `re` would count), letters are
+# [A-Za-z], numbers [0-9], anything else is "other".
+_LETTER, _DIGIT, _OTHER, _SPACE, _BREAK = 1, 2, 3, 4, 5
+_CLASS = np.full(256, _OTHER, dtype=np.uint8)
+_CLASS[np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)] = _LETTER
+_CLASS[np.frombuffer(b"0123456789", np.uint8)] = _DIGIT
+_CLASS[ord(" ")] = _SPACE
+_CLASS[np.frombuffer(b"\t\n\x0b\x0c\r", np.uint8)] = _BREAK
+_APOSTROPHE = ord("'")
 
-    For ASCII text, the byte-level pre-tokenizer's GPT-2 pattern (letters are
-    [A-Za-z], numbers [0-9] there) runs with Python's `re`, each piece is mapped
-    to the byte-level alphabet and BPE-encoded by the tokenizer's own model
-    (`tok.model.tokenize`), and pieces are cached, so a frequent word costs a
-    dict lookup. Used only when the tokenizer is exactly the shape glassforge
-    trains (no normalizer, ByteLevel without prefix space, plain BPE) and only
-    for ASCII documents free of special-token strings; anything else goes
-    through `tokenizers`. `run_shards` also checks the first documents against
+
+def piece_starts(b: np.ndarray, doc_starts: np.ndarray) -> np.ndarray:
+    """Where the GPT-2 pre-tokenizer's pieces start in b, ASCII bytes of documents laid end to end.
+
+    The pattern is `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`
+    (leftmost alternative first). On ASCII text its matches are: a run of letters, of digits or of
+    other characters, taking one space just before it along; a run of whitespace, except that its last
+    character goes to the next piece when that is a space followed by a non-space, and stands alone
+    when it is another whitespace character followed by a non-space; and the seven contractions, but
+    only where a piece would start anyway (after a letter, digit, non-space whitespace, contraction or
+    the document's start: after other characters the apostrophe continues their run, after a space it
+    starts " '..."). doc_starts (sorted, one per document, empty documents included) restarts the
+    pattern, so no piece crosses two documents. Returns the sorted start offsets (int64).
+    """
+    n = len(b)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    cls = _CLASS[b]
+    ws = cls >= _SPACE
+    prev, cur, ws_prev, ws_cur = cls[:-1], cls[1:], ws[:-1], ws[1:]
+    start = np.empty(n, dtype=bool)
+    start[0] = True
+    s = start[1:]
+    np.not_equal(cur, prev, out=s)  # a new class starts a piece ...
+    s &= ~(ws_prev & ws_cur)  # ... but spaces and other whitespace make one run ...
+    s &= ~((prev == _SPACE) & ~ws_cur)  # ... and a space before a non-space belongs to its piece
+    last = ws_prev & ~ws_cur  # the last whitespace before a non-space starts a piece
+    inner = doc_starts[(doc_starts > 0) & (doc_starts < n)]
+    last[inner - 1] = False  # (not when the non-space is the next document's)
+    start[:-1] |= last
+    start[inner] = True
+    apos = np.flatnonzero(b == _APOSTROPHE)
+    if len(apos):
+        apos = apos[start[apos]]
+        ends = np.append(doc_starts[1:], n)[np.searchsorted(doc_starts, apos, side="right") - 1]
+        padded = np.concatenate([b, np.zeros(2, dtype=np.uint8)])
+        c1, c2 = padded[apos + 1], padded[apos + 2]
+        two = np.isin(c1, np.frombuffer(b"stmd", np.uint8)) & (apos + 1 < ends)
+        three = (((c1 == ord("r")) & (c2 == ord("e"))) | ((c1 == ord("v")) & (c2 == ord("e")))
+                 | ((c1 == ord("l")) & (c2 == ord("l")))) & (apos + 2 < ends)
+        for length, hit in ((2, two), (3, three)):
+            j, end = apos[hit], ends[hit]
+            for k in range(1, length):
+                start[j + k] = False
+            after = j + length
+            start[after[after < end]] = True
+    return np.flatnonzero(start)
+
+
+class FastAsciiEncoder:
+    """Byte-level BPE for batches of ASCII documents, several times faster than `tokenizers`, same ids.
+
+    Per batch: the documents' bytes are laid end to end, `piece_starts` finds
+    the pre-tokenizer's pieces with a few numpy passes, pyarrow views the
+    pieces as one binary array (offsets over the same buffer, no copy) and
+    dictionary-encodes it (a C++ hash table), so Python touches each distinct
+    piece of the batch once, not each occurrence. A piece's ids come from a
+    cache, or once from the tokenizer's own BPE model (`tok.model.tokenize`);
+    pyarrow's `take` then gathers every occurrence's ids into one buffer.
+    Per-piece Python calls (the `re` findall + dict lookup this replaced) cost
+    about 4x more CPU.
+
+    Used only when the tokenizer is exactly the shape glassforge trains (no
+    normalizer, ByteLevel without prefix space, plain BPE) and only for ASCII
+    documents free of special-token strings; anything else goes through
+    `tokenizers`. `run_shards` also checks the first documents against
     `tokenizers` and falls back for the whole run on any difference.
     """
 
-    PATTERN = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""")
     MAX_CACHE = 1 << 20
 
-    def __init__(self, tok):
+    def __init__(self, tok, dtype=np.uint32):
         spec = json.loads(tok.to_str())
         model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
         if (spec.get("normalizer") is not None or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space")
@@ -85,23 +150,121 @@ class FastAsciiEncoder:
                 or model.get("byte_fallback")):
             raise ValueError("not a plain byte-level BPE tokenizer")
         self.model = tok.model
+        self.dtype = np.dtype(dtype)
         self.table = str.maketrans({chr(b): c for b, c in _bytes_to_unicode().items()})
         self.specials = [t["content"] for t in spec.get("added_tokens", [])]
-        self.cache: dict[str, list[int]] = {}
+        # Two characters that start every special token's text, checked before the full strings.
+        self.special_heads = sorted({sp[:2] for sp in self.specials if sp})
+        self.cache: dict[bytes, bytes] = {}  # piece -> its ids as self.dtype bytes
 
     def usable(self, text: str) -> bool:
-        return text.isascii() and not any(sp in text for sp in self.specials)
+        return text.isascii() and not (any(h in text for h in self.special_heads)
+                                       and any(sp in text for sp in self.specials))
 
-    def encode(self, text: str) -> list[int]:
-        cache, out = self.cache, []
+    def _ids(self, piece: bytes) -> bytes:
+        ids = [t.id for t in self.model.tokenize(piece.decode("ascii").translate(self.table))]
+        return np.asarray(ids, dtype=self.dtype).tobytes()
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of all texts, concatenated; each text's count) for texts that are all `usable`."""
+        import pyarrow as pa
+
+        buf = "".join(texts).encode("ascii")
+        doc_starts = np.zeros(len(texts), dtype=np.int64)
+        if len(texts) > 1:
+            np.cumsum([len(t) for t in texts[:-1]], out=doc_starts[1:])
+        starts = piece_starts(np.frombuffer(buf, dtype=np.uint8), doc_starts)
+        big = len(buf) >= (1 << 28)  # ids bytes can be 4x the text: 64-bit offsets past 2 GB
+        offsets = np.empty(len(starts) + 1, dtype=np.int64 if big else np.int32)
+        offsets[:-1], offsets[-1] = starts, len(buf)
+        pieces = pa.Array.from_buffers(pa.large_binary() if big else pa.binary(), len(starts),
+                                       [None, pa.py_buffer(offsets), pa.py_buffer(buf)])
+        coded = pieces.dictionary_encode()
+        cache = self.cache
         if len(cache) > self.MAX_CACHE:
             cache.clear()
-        for piece in self.PATTERN.findall(text):
+        values = []
+        for piece in coded.dictionary.to_pylist():
             ids = cache.get(piece)
             if ids is None:
-                ids = cache[piece] = [t.id for t in self.model.tokenize(piece.translate(self.table))]
-            out += ids
-        return out
+                ids = cache[piece] = self._ids(piece)
+            values.append(ids)
+        gathered = pa.array(values, type=pa.large_binary() if big else pa.binary()).take(coded.indices)
+        _, ends_buf, data_buf = gathered.buffers()
+        ends = np.frombuffer(ends_buf, dtype=offsets.dtype, count=len(starts) + 1)
+        size = self.dtype.itemsize
+        ids = np.frombuffer(data_buf, dtype=self.dtype, count=int(ends[-1]) // size) if ends[-1] else \
+            np.empty(0, dtype=self.dtype)
+        first_piece = np.searchsorted(starts, np.append(doc_starts, len(buf)))
+        counts = np.diff(ends[first_piece].astype(np.int64)) // size
+        return ids, counts
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0].tolist()
+
+
+
+class _ChunkTokenizer:
+    """Tokens of a chunk of documents, each followed by the separator, as one array.
+
+    ASCII documents go through `FastAsciiEncoder` in one batch, the rest through
+    `tokenizers`' `encode_batch_fast` (which skips character offsets we never
+    use, about 1.4x faster; older tokenizers lack it). The first 64 fast
+    results are compared with `tokenizers`' own; on any difference the fast
+    path is off for the rest of the run.
+    """
+
+    CHECK = 64
+
+    def __init__(self, tok, dtype: np.dtype, eot: int):
+        self.encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        self.dtype, self.eot = dtype, eot
+        try:
+            self.fast: FastAsciiEncoder | None = FastAsciiEncoder(tok, dtype)
+        except ValueError:
+            self.fast = None
+        self.verified = 0
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(the chunk's stream, each document's length in it, separator included)."""
+        n = len(texts)
+        fast_idx = [i for i, t in enumerate(texts) if self.fast.usable(t)] if self.fast is not None else []
+        counts = np.zeros(n, dtype=np.int64)
+        if fast_idx:
+            ids, fast_counts = self.fast.encode_batch(texts if len(fast_idx) == n else [texts[i] for i in fast_idx])
+            if self.verified < self.CHECK and not self._agrees(texts, fast_idx, ids, fast_counts):
+                self.fast, fast_idx = None, []
+            else:
+                counts[fast_idx] = fast_counts
+        rest = sorted(set(range(n)) - set(fast_idx))
+        slow = self.encode([texts[i] for i in rest], add_special_tokens=False) if rest else []
+        for i, enc in zip(rest, slow):
+            counts[i] = len(enc.ids)
+        lengths = counts + 1
+        ends = np.cumsum(lengths)
+        stream = np.empty(int(ends[-1]) if n else 0, dtype=self.dtype)
+        stream[ends - 1] = self.eot
+        body = np.ones(len(stream), dtype=bool)
+        body[ends - 1] = False
+        if not rest:
+            stream[body] = ids
+        else:  # documents in order: fast ones from ids, the others from tokenizers
+            parts = [np.empty(0, dtype=self.dtype)] * n
+            if fast_idx:
+                bounds = np.concatenate([[0], np.cumsum(counts[fast_idx])]).tolist()
+                for k, i in enumerate(fast_idx):
+                    parts[i] = ids[bounds[k]:bounds[k + 1]]
+            for i, enc in zip(rest, slow):
+                parts[i] = np.asarray(enc.ids, dtype=self.dtype)
+            stream[body] = np.concatenate(parts)
+        return stream, lengths
+
+    def _agrees(self, texts: list[str], fast_idx: list[int], ids: np.ndarray, counts: np.ndarray) -> bool:
+        check = fast_idx[:self.CHECK - self.verified]
+        self.verified += len(check)
+        bounds = np.concatenate([[0], np.cumsum(counts[:len(check)])]).tolist()
+        encs = self.encode([texts[i] for i in check], add_special_tokens=False)
+        return all(ids[bounds[k]:bounds[k + 1]].tolist() == enc.ids for k, enc in enumerate(encs))
 
 
 def _manifest_is_data_output(run: Run) -> bool:
@@ -129,44 +292,21 @@ def run_shards(run: Run) -> dict:
     info: dict = {"dtype": dtype.name, "tokenizer_sha256": tokenizer_sha, "seed": recipe.seed,
                   "order_sha256": order_sha}
 
-    # encode_batch_fast skips character offsets we never use (about 1.4x faster); older tokenizers lack it.
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    try:
-        fast: FastAsciiEncoder | None = FastAsciiEncoder(tok)
-    except ValueError:
-        fast = None
-    verified = [0]  # fast results compared with tokenizers' so far
+    tokenize = _ChunkTokenizer(tok, dtype, eot)
     # Pass 1: tokenize every kept document once, in documents.jsonl order, into a temporary file.
     tmp_path = run.data / ".tokens_by_document.tmp"
     index: dict[str, int] = {}  # id -> position in documents.jsonl
-    starts = [0]
+    lengths_parts: list[np.ndarray] = []  # tokens of each document, separator included
     nbytes: list[int] = []
     val_positions: list[int] = []
     try:
         with open(tmp_path, "wb") as tmp:
-            chunk: list[dict] = []
+            chunk: list[str] = []
 
             def flush():
-                nonlocal fast
-                results: list = [None] * len(chunk)
-                if fast is not None:
-                    for i, d in enumerate(chunk):
-                        if fast.usable(d["text"]):
-                            results[i] = fast.encode(d["text"])
-                    if verified[0] < 64:  # the first 64 fast results must equal tokenizers' own
-                        check = [i for i, r in enumerate(results) if r is not None][:64 - verified[0]]
-                        encs = encode([chunk[i]["text"] for i in check], add_special_tokens=False)
-                        if any(results[i] != enc.ids for i, enc in zip(check, encs)):
-                            fast, results = None, [None] * len(chunk)
-                        verified[0] += len(check)
-                rest = [i for i, r in enumerate(results) if r is None]
-                if rest:
-                    for i, enc in zip(rest, encode([chunk[i]["text"] for i in rest], add_special_tokens=False)):
-                        results[i] = enc.ids
-                for ids in results:
-                    ids.append(eot)
-                    tmp.write(np.asarray(ids, dtype=dtype).tobytes())
-                    starts.append(starts[-1] + len(ids))
+                stream, lengths = tokenize(chunk)
+                tmp.write(memoryview(stream))
+                lengths_parts.append(lengths)
                 chunk.clear()
 
             bar = tqdm(desc="tokenize", unit="doc", leave=False, mininterval=1.0)
@@ -177,10 +317,11 @@ def run_shards(run: Run) -> dict:
                     raise UserError(f"{run.data / 'documents.jsonl'}: id '{doc['id']}' appears twice; "
                                     f"run `glassforge data {run.root}` again")
                 index[doc["id"]] = pos
-                nbytes.append(len(doc["text"].encode("utf-8")))
+                text = doc["text"]
+                nbytes.append(len(text) if text.isascii() else len(text.encode("utf-8")))
                 if doc["split"] == "val":
                     val_positions.append(pos)
-                chunk.append(doc)
+                chunk.append(text)
                 size += nbytes[-1]
                 if len(chunk) >= 1024 or size >= (4 << 20):
                     bar.update(len(chunk))
@@ -189,8 +330,10 @@ def run_shards(run: Run) -> dict:
             if chunk:
                 flush()
             bar.close()
-        starts_arr = np.asarray(starts, dtype=np.int64)
-        lengths = np.diff(starts_arr)
+        starts = np.zeros(len(nbytes) + 1, dtype=np.int64)
+        if lengths_parts:
+            np.cumsum(np.concatenate(lengths_parts), out=starts[1:])
+        lengths = np.diff(starts)
         all_tokens = np.memmap(tmp_path, dtype=dtype, mode="r") if starts[-1] else np.empty(0, dtype=dtype)
 
         order = (run.data / "order.txt").read_text(encoding="utf-8").splitlines()
@@ -207,8 +350,8 @@ def run_shards(run: Run) -> dict:
             if len(positions):
                 np.cumsum(lengths[positions], out=offsets[1:])
             with AtomicFile(run.data / f"{split}.bin") as f:
-                for p in positions.tolist():
-                    f.write(memoryview(all_tokens[starts[p]:starts[p + 1]]))
+                for a, b in zip(starts[positions].tolist(), starts[positions + 1].tolist()):
+                    f.write(memoryview(all_tokens[a:b]))
             with AtomicFile(run.data / f"{split}.offsets.npy") as f:
                 np.save(f, offsets, allow_pickle=False)
             info[split] = {"documents": list(ids), "tokens": int(offsets[-1]),
