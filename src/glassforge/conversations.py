@@ -4,7 +4,12 @@
 function does, what a class is, what a module is for, or a function's
 signature, in several phrasings, and answers from the signature and the first
 paragraph of the docstring, so every answer is grounded in a training document
-whose id and sha256 it records. `posixpath` names are also asked as
+whose id and sha256 it records. Answers look like IPython's `name?`
+("Signature: os.path.join(a, *p)" then the docstring). The name follows a
+space, as it does in the question: byte-level BPE gives " os" and "os"
+different ids, so a backtick before the name (the first format) made the
+model recall the name instead of copying it, and a small model recalled the
+commonest module (`turtle`) whatever was asked. `posixpath` names are also asked as
 `os.path`, the name people use.
 
 Whole modules are held out for validation (chosen by the hash of the module's
@@ -104,16 +109,16 @@ def pystdlib_qa(documents, seed: int, phrasings: int = 2) -> tuple[list[Conversa
         for asked in names:
             if kind == "function":
                 questions = rng.sample(FUNCTION_QUESTIONS, phrasings)
-                answer = f"`{asked}{signature}`: {answer_text}"
+                answer = f"Signature: {asked}{signature}\n\n{answer_text}"
                 if rng.random() < 0.3:
                     q = rng.choice(SIGNATURE_QUESTIONS).format(name=asked)
-                    target.append(_conv(q, f"The signature is `{asked}{signature}`. {answer_text}", provenance, rng))
+                    target.append(_conv(q, f"The signature is {asked}{signature}.\n\n{answer_text}", provenance, rng))
             elif kind == "class":
                 questions = rng.sample(CLASS_QUESTIONS, phrasings)
-                answer = f"`{asked}` is a class. {answer_text}"
+                answer = f"Class: {asked}\n\n{answer_text}"
             else:
                 questions = rng.sample(MODULE_QUESTIONS, phrasings)
-                answer = f"The `{asked}` module: {answer_text}"
+                answer = f"Module: {asked}\n\n{answer_text}"
             for q in questions:
                 target.append(_conv(q.format(name=asked), answer, provenance, rng))
     return train, val
