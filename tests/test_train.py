@@ -78,8 +78,14 @@ def test_muon_takes_hidden_matrices_and_orthogonalises():
         n for n, p in model.named_parameters() if p.dim() == 2 and ".layers." in n}
     adam_names = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= adam_names
-    s = torch.linalg.svdvals(T.zeropower_newton_schulz(torch.randn(64, 32)))
-    assert s.min() > 0.5 and s.max() < 1.3  # singular values pushed towards one
+    g = torch.randn(64, 32)
+    for dtype in (torch.float32, torch.bfloat16):
+        s = torch.linalg.svdvals(T.zeropower_newton_schulz(g, dtype=dtype).float())
+        assert s.min() > 0.5 and s.max() < 1.3  # singular values pushed towards one
+    stack = torch.randn(3, 48, 20)  # a stack is orthogonalised matrix by matrix
+    together = T.zeropower_newton_schulz(stack)
+    for i in range(3):
+        torch.testing.assert_close(together[i], T.zeropower_newton_schulz(stack[i]), atol=1e-5, rtol=1e-4)
     with pytest.raises(UserError):
         T.build_optimizers(model, TrainConfig(optimizer="sgd"))
 
@@ -241,3 +247,10 @@ def test_gpu_small_recipe_is_about_100m_parameters_and_consistent():
     assert {s.kind for s in r.data.sources} <= {"files", "hf"}
     assert p.steps * p.batch_tokens >= 20 * params * 0.5  # at least half of a Chinchilla budget
     assert flops_per_token(r.model, p.seq_len) > 6 * params * 0.9
+
+
+def test_peak_probe_only_rises_when_refreshed():
+    first = T.measured_peak_flops(torch.device("cpu"), torch.float32)
+    assert first > 1e9  # any CPU that runs the tests multiplies faster than a GFLOP/s
+    assert T.measured_peak_flops(torch.device("cpu"), torch.float32) == first  # cached, not re-measured
+    assert T.measured_peak_flops(torch.device("cpu"), torch.float32, refresh=True) >= first
