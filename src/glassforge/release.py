@@ -87,6 +87,16 @@ def hub_license_lines(licenses: list[str]) -> list[str]:
     return ["license: other", f"license_name: {'-'.join(l.lower() for l in licenses) or 'unknown'}"]
 
 
+def optimizer_words(cfg) -> str:
+    """The optimiser of a training section, as the model card states it."""
+    from glassforge.train import MUON_LR
+
+    if cfg.optimizer == "muon":
+        return (f"Muon for the hidden matrices (peak learning rate {MUON_LR}) and AdamW for embeddings and "
+                f"norms (peak learning rate {cfg.lr})")
+    return f"AdamW, peak learning rate {cfg.lr}"
+
+
 def model_card(run: Run, stage: str) -> str:
     from glassforge.train import read_metrics
 
@@ -142,12 +152,13 @@ def model_card(run: Run, stage: str) -> str:
         "## Training",
         "",
         f"- Pretraining: {recipe.pretrain.steps} steps of {recipe.pretrain.batch_tokens} tokens, "
-        f"AdamW, peak learning rate {recipe.pretrain.lr}, {recipe.pretrain.schedule} schedule; "
+        f"{optimizer_words(recipe.pretrain)}, {recipe.pretrain.schedule} schedule; "
         f"final train loss {last(pre, 'loss')}, validation loss {last(pre, 'val_loss')} "
         f"({last(pre, 'val_bpb')} bits per byte).",
     ]
     if sft:
-        lines.append(f"- Chat fine-tuning: {recipe.sft.steps} steps on {', '.join(recipe.sft.conversations)}; "
+        lines.append(f"- Chat fine-tuning: {recipe.sft.steps} steps on {', '.join(recipe.sft.conversations)}, "
+                     f"{optimizer_words(recipe.sft)}; "
                      f"final train loss {last(sft, 'loss')}, held-out assistant-token loss {last(sft, 'val_loss')}.")
     lines += ["", "![loss curve](loss.png)", ""]
     if evals:
