@@ -596,3 +596,31 @@ def test_chunk_tokenizer_mixes_fast_and_tokenizers_documents_in_order():
     assert tokenize.fast is not None  # the check against tokenizers passed
     assert lengths.tolist() == [len(w) for w in want]
     assert stream.tolist() == [i for w in want for i in w]
+
+
+def test_word_hashes_are_the_documented_polynomial_hash():
+    """Pinned definition (dedup decisions and similarities in the manifest depend on it): words are runs of ASCII
+    letters and digits and bytes >= 0x80, lower-cased; hash = mix64(sum((byte + 1) * BASE**k) + length)."""
+    import re
+
+    from glassforge.dedup import _BASE, Words, mix64
+
+    rng = random.Random(4)
+    alphabet = "aZ9_ .\n\u00e9\u00dc\u4e2d-'" + "xyzXYZ"
+    blobs = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))).encode() for _ in range(200)]
+    got = Words(blobs)
+    for d, blob in enumerate(blobs):
+        want = []
+        for w in re.findall(rb"[A-Za-z0-9\x80-\xff]+", blob):
+            h = sum((c + 1) * pow(_BASE, k, 1 << 64) for k, c in enumerate(w.lower())) + len(w)
+            want.append(h % (1 << 64))
+        assert got.of(d).tolist() == mix64(np.array(want, dtype=np.uint64)).tolist(), blob
+
+
+def test_json_string_of_normalized_text_equals_json_dumps():
+    rng = random.Random(9)
+    alphabet = [chr(c) for c in range(0, 0xA0)] + ["\u00e9", "\u2028", "\u4e2d", '"', "\\", "\n", " ", "a"] * 8
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80))) for _ in range(500)]
+    for text in texts + ['say "hi" \\ there\n\nnext', ""]:
+        clean = gdata.normalize(text)
+        assert gdata.json_string_of_normalized(clean) == json.dumps(clean, ensure_ascii=False), repr(clean)

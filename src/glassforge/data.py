@@ -116,6 +116,18 @@ def normalize(text: str) -> str:
     return text.strip()
 
 
+
+def json_string_of_normalized(text: str) -> str:
+    """`json.dumps(text, ensure_ascii=False)` for a `normalize`d text, about ten times faster.
+
+    json escapes `"`, `\\` and every character below U+0020; after `normalize`
+    the only one of those left is the newline, so three `str.replace` passes
+    (memchr-fast when there is nothing to replace) give the same string as
+    json's per-character encoder.
+    """
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
 _TEXT_BYTES = bytes(sorted(set(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ \n.,;:!?'\"()-")))
 _NONTEXT_RE = re.compile(r"(?:[^\w\s.,;:!?'\"()\-]|[\d_])+")
 
@@ -414,8 +426,9 @@ class _Stage:
             reps = train_repeats(self.weights[raw.source_name], self.recipe.seed, raw.id)
             entry["repeats"] = reps
             self.train.append((raw.id, raw.source_name, digest, reps))
-        docs_out.write(canonical_json({"id": raw.id, "split": split, "text": text}).decode("utf-8"))
-        docs_out.write("\n")
+        # canonical_json({"id", "split", "text"}) spelled out: the keys are already in sorted order.
+        docs_out.write(f'{{"id":{json.dumps(raw.id, ensure_ascii=False)},"split":"{split}","text":'
+                       f'{json_string_of_normalized(text)}}}\n')
 
 
 def _batches(items: Iterator[RawDocument]) -> Iterator[list[RawDocument]]:
