@@ -5,8 +5,8 @@
         [--probe-threads]
 
 RELEASE is a run folder or release/ folder; without one, a random-weight model
-with the `default` recipe's shape (d_model 256, 6 layers, 8 heads, 4 KV heads,
-8192-token vocabulary) is made in a temporary folder: throughput does not
+with the `default` recipe's shape (d_model 256, 4 layers, 8 heads, 4 KV heads,
+4096-token vocabulary, tied embeddings) is made in a temporary folder: throughput does not
 depend on what the weights learned.
 
 Measured, all greedy with end-of-text ignored so every stream makes exactly
@@ -61,10 +61,11 @@ def make_random_release(folder: Path) -> Path:
     from glassforge.tokenizer import train_tokenizer, write_tokenizer_files
 
     texts = [d.text for d in pystdlib.iter_documents(["json", "textwrap", "string", "csv", "difflib"])]
-    tok = train_tokenizer(texts, 8192)
+    tok = train_tokenizer(texts, 4096)
     tok_dir = folder / "_tokenizer"
     write_tokenizer_files(tok_dir, tok)
-    cfg = ModelConfig(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=512)
+    cfg = ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=512,
+                      tie_embeddings=True)
     torch.manual_seed(0)
     save_file(Llama(cfg).hf_state_dict(), tok_dir / "weights.safetensors")
     release = folder / "release"
@@ -135,17 +136,19 @@ def bench_server(release: Path, prompt_ids: list[int], tokens: int, levels: list
                              "--max-batch", str(max(levels))], env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
+        deadline = time.time() + 300
+        while True:  # up, and done compiling its decode step (the engine decodes eagerly until then)
             try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                r = httpx.get(f"{base}/health", timeout=1)
+                if r.status_code == 200 and r.json().get("decode_compile") != "compiling":
+                    compile_state = r.json().get("decode_compile")
                     break
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("the server did not start")
             time.sleep(0.2)
-        return asyncio.run(server_runs(base, prompt_ids, tokens, levels))
+        return {**asyncio.run(server_runs(base, prompt_ids, tokens, levels)), "server_decode_compile": compile_state}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -158,6 +161,7 @@ def bench_engine(release: Path, prompt_ids: list[int], tokens: int) -> float:
 
     engine = Engine(release, max_batch=1)
     try:
+        engine.wait_compiled()
         params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
         engine.generate(prompt_ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
         q: queue.SimpleQueue = queue.SimpleQueue()

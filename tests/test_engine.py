@@ -9,12 +9,14 @@ import time
 import pytest
 import torch
 
-from glassforge.engine import ContextTooLong, Engine, QueueFull, SamplingParams
+from glassforge.engine import (DECODE_WEIGHTS, ContextTooLong, Engine, FastPath, QueueFull, SamplingParams,
+                               compile_settings)
 
 
 @pytest.fixture(scope="module")
 def engine(random_model):
-    e = Engine(random_model, max_batch=4, max_queue=8)
+    # the f32 eager decode step: its results must equal the model's own forward exactly
+    e = Engine(random_model, max_batch=4, max_queue=8, decode_weights="f32", compile_decode=False)
     yield e
     e.close()
 
@@ -144,3 +146,105 @@ def test_max_context_caps_generation(random_model):
             e.check_request(ids, SamplingParams(max_tokens=17 - len(ids)))
     finally:
         e.close()
+
+
+# --- decode weights and the compiled step -----------------------------------------------------
+
+# Largest |logit - f32 logit| allowed, as a fraction of the largest |f32 logit|: bf16 matrices round
+# each weight to 8 bits of mantissa, int8 to 1/254 of its row's largest weight (measured on this
+# model: about 0.3% and 1%; on the trained default model 0.2% and 0.6%, docs/PERFORMANCE.md).
+TOLERANCE = {"f32": 1e-5, "bf16": 0.01, "int8": 0.03}
+
+
+def teacher_forced_logits(e: Engine, ids: list[int], step) -> torch.Tensor:
+    """Decode-step logits along ids (each position fed the true previous token), in slot 0 and 1 at once."""
+    compile_settings()  # as on the engine thread: dynamo's settings and the step's thread count
+    torch.set_num_threads(e.decode_threads)
+    views = (list(e.cache.k.unbind(0)), list(e.cache.v.unbind(0)))
+    rows = []
+    with torch.no_grad():
+        e.fast.prefill(ids[:2], e.cache, 0, False)
+        e.fast.prefill(ids[:2], e.cache, 1, False)
+        for p in range(2, len(ids)):  # the engine's decode steps start at position 1 (span 2)
+            tok = torch.tensor([ids[p - 1], ids[p - 1]])
+            pos = torch.tensor([p - 1, p - 1])
+            rows.append(step(tok, pos, *views, p)[0])
+    return torch.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def engines(random_model):
+    """One idle engine per decode-weight format, its decode step compiled; used only through e.fast."""
+    es = {w: Engine(random_model, max_batch=2, decode_weights=w, compile_decode=True) for w in DECODE_WEIGHTS}
+    for e in es.values():
+        e.wait_compiled(600)
+    yield es
+    for e in es.values():
+        e.close()  # gives the process its thread count back
+
+
+@pytest.mark.parametrize("weights", DECODE_WEIGHTS)
+def test_decode_weights_stay_close_to_f32(engines, weights):
+    """bf16 and int8 decode matrices change logits by at most TOLERANCE of their scale; top-1 agrees
+    wherever the f32 margin between the two best tokens is larger than twice that."""
+    e = engines[weights]
+    ids = e.encode("def dedent(text):\n    lines = text.splitlines()\n    return '\\n'.join(lines)\n")
+    ref = teacher_forced_logits(engines["f32"], ids, engines["f32"].fast._decode)
+    got = teacher_forced_logits(e, ids, e.fast._decode)
+    tol = TOLERANCE[weights] * ref.abs().max().item()
+    assert (got - ref).abs().max().item() <= tol
+    top2 = ref.topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
+    assert clear.sum() >= len(ids) // 4  # the check below is not empty
+    assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("weights", DECODE_WEIGHTS)
+def test_compiled_decode_matches_eager(engines, weights):
+    """The compiled step is the eager step's arithmetic: same greedy tokens, logits within float noise."""
+    e = engines[weights]
+    assert e.compile_state == "on", e.compile_state
+    ids = e.encode("import json\n\n\ndef load(path):\n    with open(path) as f:\n        return json.load(f)\n")
+    eager = teacher_forced_logits(e, ids, e.fast._decode)
+    compiled = teacher_forced_logits(e, ids, e.fast.step)
+    assert e.fast.step is not e.fast._decode and e.fast.compile_error is None
+    assert (compiled - eager).abs().max().item() <= 1e-4 * eager.abs().max().item() + 1e-5
+    assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
+
+
+def test_default_engine_greedy_equals_its_eager_step(random_model):
+    """End to end through the engine (compiled, default weights): greedy tokens are those of the eager
+    step of the same weights, for sequences decoded together."""
+    compiled = Engine(random_model, max_batch=4)
+    eager = Engine(random_model, max_batch=4, compile_decode=False)
+    try:
+        assert compiled.wait_compiled(600) == "on"
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+        for prompt in PROMPTS[:2]:
+            ids = compiled.encode(prompt)
+            a = [ids_of(ev) for ev in compiled.generate(ids, params, n=2)]
+            b = [ids_of(ev) for ev in eager.generate(ids, params, n=2)]
+            assert a == b
+    finally:
+        compiled.close()
+        eager.close()
+
+
+def test_compile_failure_keeps_the_eager_step(random_model, monkeypatch):
+    def broken(self, cache, threads):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(FastPath, "compile", broken)
+    e = Engine(random_model, max_batch=2, decode_weights="f32")
+    try:
+        assert e.wait_compiled(60).startswith("failed: RuntimeError: no C++ compiler")
+        ids = e.encode(PROMPTS[0])
+        ev = e.generate(ids, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0))[0]
+        assert ids_of(ev) == reference_greedy(e, ids, 5)
+    finally:
+        e.close()
+
+
+def test_unknown_decode_weights_is_a_user_error(random_model):
+    with pytest.raises(Exception, match="decode weights 'fp4'"):
+        Engine(random_model, decode_weights="fp4", compile_decode=False)

@@ -65,6 +65,7 @@ from glassforge.model import KVCache, Llama, rope_tables
 
 
 PREFILL_PARALLEL_TOKENS = 128  # prompts at least this long are prefilled with every intra-op thread
+DEFAULT_DECODE_WEIGHTS = "int8"  # FastPath weights for decode steps; see docs/PERFORMANCE.md for the measurements
 
 
 class QueueFull(Exception):
@@ -163,25 +164,58 @@ class Sequence:
         return len(self.prompt_ids) + len(self.out_ids) - 1
 
 
+DECODE_WEIGHTS = ("f32", "bf16", "int8")
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row (weight-only): (int8 [N, K], bf16 scales [N]), w ~ q * scale."""
+    scale = (w.float().abs().amax(1) / 127).clamp(min=1e-12)
+    q = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.to(torch.bfloat16)
+
+
+def compile_settings() -> None:
+    """Dynamo settings for the compiled decode step; call in every thread that compiles or runs it.
+
+    Every FastPath compiles its own entries of the same code object (their guards check `self`), so
+    a process with several engines (tests, benchmarks) would pass dynamo's default recompile limit
+    of 8. The settings are thread-local in torch 2.13, hence a function and not a module import effect.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+
+
 class FastPath:
-    """The model's inference arithmetic with fewer, larger operations (same weights, same results).
+    """The model's inference arithmetic with fewer, larger operations.
 
     `model.forward_cached` is general (any slots, any positions, any length); the
     engine only ever needs two shapes, and on a CPU the per-operation overhead
     of a small model dominates, so they get their own code:
 
     - prefill: one whole prompt into one slot, from position 0 (plain causal
-      attention, keys written by slicing);
+      attention, keys written by slicing), always with the f32 weights;
     - decode: one token for each of the slots 0..S-1 (a view of the cache, no
       gather); free slots in that range ride along as dummy rows.
 
     Q, K and V are one matmul, gate and up another; rotary tables are computed
     once; grouped-query attention uses `enable_gqa` instead of copying heads.
+
+    Decode steps read every weight once per step, and at batch 1 that read is
+    most of the step, so their matrices can be kept smaller (`weights`):
+    "f32" (the model's own, results equal to the reference forward), "bf16"
+    (half the bytes, AVX512-bf16 matmuls; activations, norms, the residual
+    stream and the cache stay f32) or "int8" (a quarter: symmetric per-row
+    int8 through `aten._weight_int8pack_mm`, activations rounded to bf16 for
+    the product). `compile()` returns the decode step through torch.compile
+    (inductor), which fuses the small elementwise operations between matmuls.
     """
 
-    def __init__(self, model: Llama, max_len: int):
+    def __init__(self, model: Llama, max_len: int, weights: str = "f32"):
+        if weights not in DECODE_WEIGHTS:
+            raise UserError(f"decode weights {weights!r}: expected one of {', '.join(DECODE_WEIGHTS)}")
         cfg = model.cfg
         self.cfg = cfg
+        self.weights = weights
         self.layers = []
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
@@ -197,6 +231,10 @@ class FastPath:
         self.norm = model.model.norm.weight.detach()
         self.head = model.lm_head.weight.detach()
         self.dtype = self.embed.dtype
+        # the decode step's copies of the matrices, in the chosen format (f32: the same tensors)
+        self.dec_layers = [(ln1, self._pack(wqkv), self._pack(wo), ln2, self._pack(wgu), self._pack(wdown))
+                           for ln1, wqkv, wo, ln2, wgu, wdown in self.layers]
+        self.dec_head = self._pack(self.head)
         cos, sin = rope_tables(cfg, torch.arange(max_len))
         half = cfg.head_dim // 2
         self.cos = cos.to(self.dtype)
@@ -205,6 +243,25 @@ class FastPath:
         self.q_dim = cfg.n_heads * cfg.head_dim
         self.kv_dim = cfg.n_kv_heads * cfg.head_dim
         self.gqa = cfg.n_heads != cfg.n_kv_heads
+        self.kv_heads = torch.arange(cfg.n_kv_heads)
+        self.step = self._decode  # replaced by the compiled step once it is ready
+        self.compile_error: str | None = None  # why the compiled step was dropped, if it was
+        self._views: tuple[int, list, list] | None = None
+
+    def _pack(self, w: torch.Tensor):
+        if self.weights == "bf16":
+            return w.to(torch.bfloat16).contiguous()
+        if self.weights == "int8":
+            return quantize_int8(w)
+        return w
+
+    def _linear(self, x: torch.Tensor, w) -> torch.Tensor:
+        """x @ w.T for a decode matrix in the chosen format; f32 in, f32 out."""
+        if self.weights == "bf16":
+            return F.linear(x.to(torch.bfloat16), w).float()
+        if self.weights == "int8":
+            return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w[0], w[1]).float()
+        return F.linear(x, w)
 
     def _norm(self, x, w):
         if x.dtype == torch.float32:  # one fused operation
@@ -243,29 +300,61 @@ class FastPath:
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens, positions: [S] for slots 0..S-1; returns logits [S, V]."""
+        if self._views is None or self._views[0] is not cache:
+            # per-layer views made once: the compiled step takes them as plain inputs it writes in place
+            self._views = (cache, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+        span = int(positions.max()) + 1
+        if self.step is self._decode:
+            return self._decode(tokens, positions, self._views[1], self._views[2], span)
+        try:
+            return self.step(tokens, positions, self._views[1], self._views[2], span)
+        except Exception as e:  # noqa: BLE001 - a recompile that fails (limit, compiler) must not fail requests
+            self.step = self._decode
+            self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return self._decode(tokens, positions, self._views[1], self._views[2], span)
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, ks: list[torch.Tensor],
+                vs: list[torch.Tensor], span: int) -> torch.Tensor:
         cfg, hd = self.cfg, self.cfg.head_dim
         S = tokens.shape[0]
-        span = int(positions.max()) + 1
-        rows = torch.arange(S)
+        rows = torch.arange(S)[:, None]
+        where = (rows, self.kv_heads[None, :], positions[:, None])  # [S, KV] index into [slots, KV, len]
         x = F.embedding(tokens, self.embed)  # [S, d]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         mask = None
         if S > 1:
             mask = (torch.arange(span)[None, :] <= positions[:, None])[:, None, None, :]
         H, KV = cfg.n_heads, cfg.n_kv_heads
-        for i, (ln1, wqkv, wo, ln2, wgu, wdown) in enumerate(self.layers):
-            h = self._norm(x, ln1)
-            qkv = F.linear(h, wqkv)
+        lin = self._linear
+        for i, (ln1, wqkv, wo, ln2, wgu, wdown) in enumerate(self.dec_layers):
+            qkv = lin(self._norm(x, ln1), wqkv)
             qk = self._rope(qkv[:, :self.q_dim + self.kv_dim].view(S, H + KV, hd), cos, sin)
-            q = qk[:, :H, None]  # [S, H, 1, hd]
-            ck, cv = cache.k[i], cache.v[i]
-            ck.transpose(1, 2)[rows, positions] = qk[:, H:]
-            cv.transpose(1, 2)[rows, positions] = qkv[:, self.q_dim + self.kv_dim:].view(S, KV, hd)
-            y = F.scaled_dot_product_attention(q, ck[:S, :, :span], cv[:S, :, :span], attn_mask=mask,
-                                               enable_gqa=self.gqa)
-            x = x + F.linear(y.reshape(S, -1), wo)
-            x = x + self._mlp(self._norm(x, ln2), wgu, wdown)
-        return F.linear(self._norm(x, self.norm), self.head)
+            ks[i].index_put_(where, qk[:, H:])
+            vs[i].index_put_(where, qkv[:, self.q_dim + self.kv_dim:].view(S, KV, hd))
+            y = F.scaled_dot_product_attention(qk[:, :H, None], ks[i][:S, :, :span], vs[i][:S, :, :span],
+                                               attn_mask=mask, enable_gqa=self.gqa)
+            x = x + lin(y.reshape(S, -1), wo)
+            gate, up = lin(self._norm(x, ln2), wgu).chunk(2, dim=-1)
+            x = x + lin(F.silu(gate) * up, wdown)
+        return lin(self._norm(x, self.norm), self.dec_head)
+
+    def compile(self, cache: KVCache, threads: int):
+        """The decode step through torch.compile, compiled and warmed up on a scratch cache of cache's shape.
+
+        Sizes are dynamic (one graph for every batch size and span >= 2, one for batch 1), so serving
+        does not recompile; a scratch cache because the real one is in use while this runs. The
+        graphs are guarded on torch's intra-op thread count, so they are made with the count decode
+        steps run with (`threads`); the caller must not change it while this runs.
+        """
+        compile_settings()
+        torch.set_num_threads(threads)
+        step = torch.compile(self._decode, dynamic=True, fullgraph=True)
+        scratch = KVCache(self.cfg, cache.k.shape[1], cache.max_len, dtype=cache.k.dtype)
+        ks, vs = list(scratch.k.unbind(0)), list(scratch.v.unbind(0))
+        with torch.no_grad():  # as the engine thread runs it: inference-mode tensors would not match the guards
+            for S in (1, 2):
+                step(torch.zeros(S, dtype=torch.long), torch.arange(1, S + 1), ks, vs, S + 1)
+        return step
 
 
 class ThreadTuner:
@@ -317,7 +406,8 @@ class Engine:
 
     def __init__(self, folder: Path | str, max_batch: int = 16, max_context: int | None = None,
                  max_queue: int | None = None, dtype: torch.dtype = torch.float32,
-                 decode_threads: int | None = None):
+                 decode_threads: int | None = None, decode_weights: str | None = None,
+                 compile_decode: bool | None = None):
         from glassforge.generate import resolve_release
         from glassforge.tokenizer import END, ENDOFTEXT, chat_template_of, load_tokenizer
 
@@ -340,8 +430,20 @@ class Engine:
         self.max_context = max_context
         self.max_batch = max_batch
         self.max_queue = max_queue if max_queue is not None else max(64, 8 * max_batch)
-        self.cache = KVCache(self.cfg, max_batch, max_context, dtype=dtype)
-        self.fast = FastPath(self.model, max_context)
+        # at least 2 slots: a dimension of size 1 would be specialised by the compiled step (and recompile)
+        self.cache = KVCache(self.cfg, max(max_batch, 2), max_context, dtype=dtype)
+        # GLASSFORGE_DECODE_WEIGHTS: f32, bf16 or int8 matrices for decode steps (FastPath; the measured
+        # choice is DEFAULT_DECODE_WEIGHTS, docs/PERFORMANCE.md); prefill always uses f32.
+        weights = decode_weights or os.environ.get("GLASSFORGE_DECODE_WEIGHTS", "").strip().lower() or (
+            DEFAULT_DECODE_WEIGHTS if dtype == torch.float32 else "f32")
+        self.fast = FastPath(self.model, max_context, weights)
+        if compile_decode is None:
+            compile_decode = os.environ.get("GLASSFORGE_DECODE_COMPILE", "1").strip().lower() not in ("0", "off", "")
+        self.compile_state = "off"  # off | compiling | on | failed: <why>
+        self._compiler: threading.Thread | None = None
+        if compile_decode:
+            self.compile_state = "compiling"
+            self._compiler = threading.Thread(target=self._compile, name="glassforge-compile", daemon=True)
         # Threads: decode steps are many small operations, where a second intra-op thread mostly waits
         # for the scheduler (on 2 shared cores, and with the HTTP side needing a core, one thread was
         # several times faster, see docs/PERFORMANCE.md); long prompts are big matmuls and get them all.
@@ -370,6 +472,30 @@ class Engine:
         self._lltok = None
         self.thread = threading.Thread(target=self._loop, name="glassforge-engine", daemon=True)
         self.thread.start()
+        if self._compiler is not None:
+            self._compiler.start()
+
+    def _compile(self) -> None:
+        """Compile the decode step beside the running engine, which decodes eagerly until this is done.
+
+        Compiling takes seconds to tens of seconds (less with inductor's on-disk cache), so it never
+        blocks start-up or requests; any failure (no C++ compiler, an unsupported operation) leaves
+        the eager step, with the reason in `compile_state`.
+        """
+        try:
+            step = self.fast.compile(self.cache, self.decode_threads)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: keep the eager step
+            self.compile_state = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return
+        if not self._closed:
+            self.fast.step = step  # picked up by the next decode step (one attribute store: atomic)
+            self.compile_state = "on"
+
+    def wait_compiled(self, timeout: float | None = None) -> str:
+        """Block until the background compile has finished (or timeout); returns `compile_state`."""
+        if self._compiler is not None:
+            self._compiler.join(timeout)
+        return self.compile_state
 
     # --- the public side ------------------------------------------------------------
 
@@ -521,6 +647,7 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        compile_settings()
         while True:
             with self.cond:
                 while (not self._closed and not self.waiting and not self.running and self.jobs.empty()):
@@ -595,7 +722,9 @@ class Engine:
         first = group[0]
         T = len(first.prompt_ids)
         want_all = first.params.prompt_logprobs is not None
-        torch.set_num_threads(self.all_threads if T >= PREFILL_PARALLEL_TOKENS else self.decode_threads)
+        # while the decode step compiles, the thread count stays that of its graphs (they are guarded on it)
+        long_prompt = T >= PREFILL_PARALLEL_TOKENS and self.compile_state != "compiling"
+        torch.set_num_threads(self.all_threads if long_prompt else self.decode_threads)
         logits = self.fast.prefill(first.prompt_ids, self.cache, first.slot, want_all)
         for s in group[1:]:  # the other choices of the same prompt: copy the cache rows
             self.cache.k[:, s.slot, :, :T] = self.cache.k[:, first.slot, :, :T]
@@ -637,7 +766,7 @@ class Engine:
             tokens[s.slot] = s.out_ids[-1]
             positions[s.slot] = s.position
         # free slots below S ride along as dummy rows at position 0 (their cache is rewritten on admission)
-        threads = self.tuner.pick(S)
+        threads = self.tuner.pick(S) if self.compile_state != "compiling" else self.decode_threads
         torch.set_num_threads(threads)
         t_step = time.perf_counter()
         all_logits = self.fast.decode(torch.tensor(tokens), torch.tensor(positions), self.cache)

@@ -5,7 +5,10 @@ Written with the `gguf` package under llama.cpp's Llama conventions:
 BPE vocabulary as `tokenizer.ggml.model = gpt2` (tokens, merges, token types,
 the GPT-2 pre-tokenizer, which is the one our tokenizer uses), the chat
 template and the end-of-turn tokens; tensors under llama.cpp's names
-(`token_embd`, `blk.N.attn_q`, ...), all in fp32 so nothing is lost.
+(`token_embd`, `blk.N.attn_q`, ...), in fp32 by default so nothing is lost.
+`dtype` may instead store the matrices as f16, bf16 or q8_0 (norm weights stay
+fp32, as llama.cpp wants): that is how llama.cpp is compared with our engine at
+matching precision (bf16 against our bf16 decode, see docs/PERFORMANCE.md).
 
 One real difference: our RoPE (Hugging Face's) rotates the first half of each
 head against the second half, while llama.cpp's Llama RoPE rotates adjacent
@@ -84,8 +87,19 @@ def _vocab(tokenizer_json: dict, vocab_size: int) -> tuple[list[str], list[int],
     return tokens, types, merges, special
 
 
-def export_gguf(release: Path, out: Path) -> dict:
-    """Write release (a Hugging Face-layout glassforge release) as a GGUF file at out."""
+GGUF_DTYPES = {  # name -> (GGML tensor type, GGUF file type)
+    "f32": ("F32", "ALL_F32"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+}
+
+
+def export_gguf(release: Path, out: Path, dtype: str = "f32") -> dict:
+    """Write release (a Hugging Face-layout glassforge release) as a GGUF file at out.
+
+    dtype (one of GGUF_DTYPES) is the storage of the 2-D weight matrices; 1-D norm weights stay fp32.
+    """
     import gguf
     from safetensors import safe_open
 
@@ -95,6 +109,9 @@ def export_gguf(release: Path, out: Path) -> dict:
     from glassforge.generate import resolve_release
 
     release, out = resolve_release(release), Path(out)  # a run folder means its release/
+    if dtype not in GGUF_DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(GGUF_DTYPES)}")
+    qtype = gguf.GGMLQuantizationType[GGUF_DTYPES[dtype][0]]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         if not (release / name).is_file():
             raise UserError(f"{release}: not a release folder (no {name}); build one with `glassforge release RUN`")
@@ -141,7 +158,7 @@ def export_gguf(release: Path, out: Path) -> dict:
     try:
         w = gguf.GGUFWriter(tmp, arch="llama")
         w.add_name(f"glassforge {release.resolve().parent.name or release.name}")
-        w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+        w.add_file_type(int(gguf.LlamaFileType[GGUF_DTYPES[dtype][1]]))
         w.add_string("glassforge.weights_sha256", weights_sha)  # ties the file back to the attested release
         if (release / "attestation.json").is_file():
             w.add_string("glassforge.attestation_sha256", sha256_file(release / "attestation.json"))
@@ -171,7 +188,10 @@ def export_gguf(release: Path, out: Path) -> dict:
         if tok_cfg.get("chat_template"):
             w.add_chat_template(tok_cfg["chat_template"])
         for name, arr in tensors:
-            w.add_tensor(name, arr)
+            if arr.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+                w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+            else:
+                w.add_tensor(name, arr)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -183,4 +203,4 @@ def export_gguf(release: Path, out: Path) -> dict:
         Path(tmp).unlink(missing_ok=True)
         raise
     return {"gguf": str(out), "sha256": sha256_file(out), "bytes": out.stat().st_size, "tensors": len(tensors),
-            "weights_sha256": weights_sha}
+            "weights_sha256": weights_sha, "dtype": dtype}

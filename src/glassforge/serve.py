@@ -574,7 +574,8 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok"}
+        # decode_compile: whether decode steps already run compiled (benchmarks wait for "on" or "failed")
+        return {"status": "ok", "decode_compile": engine.compile_state}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def get_metrics() -> PlainTextResponse:
