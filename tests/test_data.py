@@ -624,3 +624,22 @@ def test_json_string_of_normalized_text_equals_json_dumps():
     for text in texts + ['say "hi" \\ there\n\nnext', ""]:
         clean = gdata.normalize(text)
         assert gdata.json_string_of_normalized(clean) == json.dumps(clean, ensure_ascii=False), repr(clean)
+
+
+def test_shards_tokenized_in_two_processes_equal_one_process(tmp_path, monkeypatch):
+    from glassforge import shards
+
+    a, _ = _two_source_corpus(tmp_path / "in")
+    (a / "unicode.txt").write_text("Caf\u00e9 cr\u00e8me, na\u00efve r\u00e9sum\u00e9: " + prose(random.Random(2)))
+    run = make_run(tmp_path / "run", [{"name": "a", "kind": "files", "path": str(a)}], val_fraction=0.2)
+    build_shards(run)
+    names = ["train.bin", "val.bin", "train.offsets.npy", "val.offsets.npy", "shards.json", "manifest.json"]
+    one = [(run.data / n).read_bytes() for n in names]
+    monkeypatch.setattr(shards, "_PARALLEL_MIN_BYTES", 0)
+    parts = []
+    real = shards._tokenize_in_parts
+    monkeypatch.setattr(shards, "_tokenize_in_parts", lambda *args: parts.extend(real(*args)) or parts)
+    shards.run_shards(run)
+    assert len(parts) == 2 and parts[0].ids and parts[1].ids  # the second half came from the forked process
+    assert [(run.data / n).read_bytes() for n in names] == one
+    assert not list(run.data.glob(".tokens_by_document*"))
