@@ -569,6 +569,12 @@ def load_manifest(run: Run) -> dict:
 
 def iter_manifest_documents(run: Run) -> Iterator[dict]:
     """The manifest's document entries, one at a time (the file keeps one per line)."""
+    for _, entry in iter_manifest_lines(run):
+        yield entry
+
+
+def iter_manifest_lines(run: Run) -> Iterator[tuple[str, dict]]:
+    """(its JSON text, as written, and the entry) of every document entry in the manifest."""
     with open(run.data / "manifest.json", encoding="utf-8") as f:
         inside = False
         for line in f:
@@ -577,7 +583,7 @@ def iter_manifest_documents(run: Run) -> Iterator[dict]:
                 continue
             line = line.strip().rstrip(",")
             if line.startswith("{"):
-                yield json.loads(line)
+                yield line, json.loads(line)
 
 
 def iter_documents(run: Run, split: str | None = None) -> Iterator[dict]:

@@ -438,16 +438,22 @@ def run_shards(run: Run) -> dict:
 
 def _annotate_manifest(run: Run, tokens: dict[str, int], tokenizer_sha: str) -> None:
     """Add tokens per document and the tokenizer's hash to data/manifest.json (atomically)."""
-    from glassforge.data import _manifest_head, _write_manifest_file, iter_manifest_documents
+    from glassforge.data import _manifest_head, _write_manifest_file, iter_manifest_lines
 
     head = json.loads(_manifest_head(run))
     head["tokenizer_sha256"] = tokenizer_sha
 
     def lines():
-        for d in iter_manifest_documents(run):
-            if d["id"] in tokens and d.get("status") == "kept":
-                d["tokens"] = tokens[d["id"]]
-            yield json.dumps(d, sort_keys=True, ensure_ascii=False)
+        for line, d in iter_manifest_lines(run):
+            n = tokens.get(d["id"]) if d.get("status") == "kept" else None
+            if n is None:
+                yield line
+            elif max(d) < "tokens":
+                # The line is json.dumps(d, sort_keys=True) and "tokens" sorts last: append it, no re-encoding.
+                yield f'{line[:-1]}, "tokens": {n}}}'
+            else:
+                d["tokens"] = n
+                yield json.dumps(d, sort_keys=True, ensure_ascii=False)
 
     _write_manifest_file(run.data / "manifest.json", head, lines())
 
