@@ -481,7 +481,8 @@ def test_worker_processes_give_the_same_data_and_shards_as_one_process(tmp_path,
     lines += [lines[5], lines[700]]  # exact duplicates across batches
     (src / "a.jsonl").write_text("\n".join(lines) + "\n")
     outputs = []
-    for workers in ("0", "2"):
+    monkeypatch.setattr(gdata, "_READER_AFTER_BYTES", 1)  # fork after the first batch
+    for workers in ("0", "1"):
         monkeypatch.setenv("GLASSFORGE_DATA_WORKERS", workers)
         run = make_run(tmp_path / f"run{workers}", [{"name": "c", "kind": "files", "path": str(src)}])
         build_shards(run)
@@ -489,6 +490,28 @@ def test_worker_processes_give_the_same_data_and_shards_as_one_process(tmp_path,
                                                               "train.bin", "val.bin", "train.offsets.npy")])
     assert outputs[0] == outputs[1]
     assert b"exact_duplicate" in outputs[0][0]
+
+
+def test_an_error_in_the_reader_process_stops_the_stage(tmp_path, monkeypatch):
+    rng = random.Random(13)
+    src = tmp_path / "c"
+    src.mkdir()
+    (src / "a.jsonl").write_text("".join(json.dumps({"text": words(rng, 60)}) + "\n" for _ in range(1200)))
+    monkeypatch.setattr(gdata, "_READER_AFTER_BYTES", 1)
+    monkeypatch.setenv("GLASSFORGE_DATA_WORKERS", "1")
+    real, calls = gdata._Analyzer.__call__, []
+
+    def failing_after_the_first(self, texts):
+        calls.append(1)
+        if len(calls) > 1:
+            raise ValueError("boom in the analysis")
+        return real(self, texts)
+
+    monkeypatch.setattr(gdata._Analyzer, "__call__", failing_after_the_first)
+    run = make_run(tmp_path / "run", [{"name": "c", "kind": "files", "path": str(src)}])
+    with pytest.raises(ValueError, match="boom in the analysis"):
+        gdata.run_data(run)
+    assert not (run.data / "manifest.json").exists()
 
 
 def test_fast_ascii_encoder_gives_the_tokenizers_ids(tmp_path):

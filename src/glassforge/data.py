@@ -270,32 +270,43 @@ class _Analyzer:
         return out
 
 
-_WORKER_ANALYZER: _Analyzer | None = None
+def _read_in_child(conn, batches: Iterator[list[RawDocument]], analyzer: _Analyzer) -> None:
+    """The forked reader process: the rest of the sources' batches, every other one analysed here.
+
+    Sends (batch, analysis, None) or (batch, None, texts) per batch, then None;
+    or the exception that stopped it. The pipe holds about one message, so the
+    reader runs at most a batch or two ahead: memory stays bounded.
+    """
+    try:
+        for n, batch in enumerate(batches):
+            texts = [raw.text for raw in batch]
+            for raw in batch:
+                raw.text = None
+            conn.send((batch, analyzer(texts), None) if n % 2 == 0 else (batch, None, texts))
+        conn.send(None)
+    except BaseException as e:
+        try:
+            conn.send(e)
+        except Exception:  # an exception that does not pickle: its type and message
+            conn.send(RuntimeError(f"data reader process: {type(e).__name__}: {e}"))
+    finally:
+        conn.close()
 
 
-def _analyze_in_worker(texts: list[str | None]) -> dict:
-    return _WORKER_ANALYZER(texts)
+_READER_AFTER_BYTES = 8 << 20
 
 
 def data_workers() -> int:
-    """Worker processes for the data stage: $GLASSFORGE_DATA_WORKERS, else none on up to 2 cores, else
-    one less than the cores, at most 4.
-
-    On the 2-core reference machine one process measured faster than two workers (216 MB: 9.1 s against
-    10.3 s, 6.7 against 7.9 CPU seconds; pickling the texts costs more than the second core gives while the
-    main process still reads, decides and writes). Above 2 cores the workers are expected to pay; that is
-    not measured here.
-    """
+    """1 to read and analyse in a second process (see `_Stage.run_batches`), 0 not to:
+    $GLASSFORGE_DATA_WORKERS, else 1 on 2 or more cores."""
     import os
 
     env = os.environ.get("GLASSFORGE_DATA_WORKERS")
     if env is not None:
-        try:
-            return max(0, int(env))
-        except ValueError:
-            raise UserError(f"GLASSFORGE_DATA_WORKERS: expected a whole number, got '{env}'") from None
-    cores = os.cpu_count() or 1
-    return 0 if cores <= 2 else min(4, cores - 1)
+        if env not in ("0", "1"):
+            raise UserError(f"GLASSFORGE_DATA_WORKERS: expected 0 or 1, got '{env}'")
+        return int(env)
+    return 1 if (os.cpu_count() or 1) >= 2 else 0
 
 
 class _Stage:
@@ -326,40 +337,63 @@ class _Stage:
         self.near_similarities: list[float] = []
 
     def run_batches(self, batches: Iterator[list[RawDocument]], docs_out, entries_out, bar) -> None:
-        """Analyse batches (in worker processes once there is more than one) and decide them in order."""
-        import collections
+        """Analyse batches and decide them in order, from 8 MB on with a forked reader process.
+
+        The reader process takes over the same batch iterator (fork copies it,
+        open files and positions included; this process never touches it again),
+        reads the sources and analyses every other batch; this process analyses
+        the others and makes every decision and write, in order. No text goes
+        to the reader, and half the batches come back analysed, so the two
+        processes have about equal work on the 2-core reference machine. The
+        earlier design, a `multiprocessing.Pool` analysing batches that this
+        process read, lost there: pickling every text both ways and the pool's
+        helper threads contending for the GIL cost more than the second core
+        gave. Small inputs (under 8 MB) never fork. The output is the same
+        either way (tested).
+        """
         import multiprocessing as mp
 
-        global _WORKER_ANALYZER
-        workers = data_workers()
-        pool = None
-        inflight: collections.deque = collections.deque()
+        forking = data_workers() > 0 and "fork" in mp.get_all_start_methods()
+        it = iter(batches)
+        size = 0
+        for batch in it:
+            texts = [raw.text for raw in batch]
+            for raw in batch:
+                raw.text = None  # the analysis holds the only copy now
+            size += sum(len(t) for t in texts if t is not None)
+            self.decide(batch, self.analyzer(texts), docs_out, entries_out)
+            bar.update(len(batch))
+            if forking and size >= _READER_AFTER_BYTES:
+                break
+        else:
+            return
+        docs_out.flush()  # nothing buffered for the forked copy of these files to write again
+        entries_out.flush()
+        ctx = mp.get_context("fork")
+        receive, send = ctx.Pipe(duplex=False)
+        reader = ctx.Process(target=_read_in_child, args=(send, it, self.analyzer), daemon=True)
+        reader.start()
+        send.close()
         try:
-            for n, batch in enumerate(batches):
-                texts = [raw.text for raw in batch]
-                for raw in batch:
-                    raw.text = None  # the analysis holds the only copy now
-                if n == 1 and workers > 0 and "fork" in mp.get_all_start_methods():
-                    _WORKER_ANALYZER = self.analyzer
-                    pool = mp.get_context("fork").Pool(workers)
-                if pool is None:
-                    self.decide(batch, self.analyzer(texts), docs_out, entries_out)
-                    bar.update(len(batch))
-                    continue
-                inflight.append((batch, pool.apply_async(_analyze_in_worker, (texts,))))
-                while len(inflight) > 2 * workers:
-                    done, result = inflight.popleft()
-                    self.decide(done, result.get(), docs_out, entries_out)
-                    bar.update(len(done))
-            while inflight:
-                done, result = inflight.popleft()
-                self.decide(done, result.get(), docs_out, entries_out)
-                bar.update(len(done))
+            while True:
+                try:
+                    msg = receive.recv()
+                except EOFError:
+                    raise RuntimeError(f"the data reader process ended without finishing "
+                                       f"(exit code {reader.exitcode})") from None
+                if msg is None:
+                    break
+                if isinstance(msg, BaseException):
+                    raise msg
+                batch, analysis, texts = msg
+                self.decide(batch, analysis if analysis is not None else self.analyzer(texts), docs_out,
+                            entries_out)
+                bar.update(len(batch))
         finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-            _WORKER_ANALYZER = None
+            receive.close()
+            if reader.is_alive():
+                reader.terminate()
+            reader.join()
 
     def decide(self, batch: list[RawDocument], a: dict, docs_out, entries_out) -> None:
         """Sequential decisions for one analysed batch: exact duplicates, contamination, near duplicates."""
