@@ -201,3 +201,27 @@ def test_export_refuses_weights_that_do_not_match_the_manifest(request, tmp_path
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no model"):
         export_gguf(tmp_path / "empty", tmp_path / "y.gguf")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "q8_0"])
+def test_lower_precision_gguf_stores_matrices_in_that_type(model_folder, dtype, tmp_path):
+    """--dtype bf16 / q8_0 (how llama.cpp is compared with our bf16 / int8 decode): every matrix in that
+    type and within its rounding of the weights, norms still F32, file type set accordingly."""
+    import gguf
+    from gguf.quants import dequantize
+    from safetensors.numpy import load_file
+
+    from glassforge.export import GGUF_DTYPES, export_gguf
+
+    out = tmp_path / f"model-{dtype}.gguf"
+    assert export_gguf(model_folder, out, dtype)["dtype"] == dtype
+    reader = gguf.GGUFReader(out)
+    qtype = gguf.GGMLQuantizationType[GGUF_DTYPES[dtype][0]]
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert {types[n] for n in types if n.endswith("norm.weight")} == {gguf.GGMLQuantizationType.F32}
+    assert {types[n] for n in types if not n.endswith("norm.weight")} == {qtype}
+    assert int(_fields(reader)["general.file_type"]) == int(gguf.LlamaFileType[GGUF_DTYPES[dtype][1]])
+    down = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    got = dequantize(down.data, qtype).reshape(tuple(int(d) for d in reversed(down.shape)))
+    w = load_file(str(model_folder / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
+    assert np.abs(got - w).max() <= (2 ** -8 if dtype == "bf16" else 1 / 254 * 1.01) * np.abs(w).max()

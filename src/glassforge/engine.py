@@ -36,9 +36,15 @@ when asked for): each step, tokens that cannot continue a valid prefix are
 masked out before sampling, and the sequence stops when the grammar is done.
 
 The forward passes do not go through `Llama.forward_cached` but through
-`FastPath` (same weights and arithmetic, fewer and larger operations), and
-decode steps run on one intra-op thread by default: on two shared cores a
-second thread spent most of each small operation waiting to be scheduled.
+`FastPath` (same arithmetic, fewer and larger operations), and decode steps
+run on one intra-op thread by default: on two shared cores a second thread
+spent most of each small operation waiting to be scheduled. A decode step at
+small batch is bound by reading the weights and by per-operation overhead, so
+by default its matrices are int8 (weight-only, per-row scales; prefill keeps
+f32) and the step is compiled with torch.compile in a background thread while
+the engine decodes eagerly; `GLASSFORGE_DECODE_WEIGHTS=f32|bf16|int8` and
+`GLASSFORGE_DECODE_COMPILE=0` change that (measurements and tolerances in
+docs/PERFORMANCE.md, "Serving").
 
 Results leave the engine as `Event`s through a callback the caller supplies
 (the server hands events to its event loop with `call_soon_threadsafe`).

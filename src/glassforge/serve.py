@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import hmac
 import json
 import secrets
@@ -414,9 +415,22 @@ class Server:
 
     def submit(self, requests, loop: asyncio.AbstractEventLoop):
         q: asyncio.Queue = asyncio.Queue()
+        # One wake-up of the event loop per batch of events, not per event: while the loop has not yet
+        # run `deliver`, the engine thread only appends (no self-pipe write, no extra loop turn), and
+        # the stream then folds what arrived into one chunk (merge_pending).
+        arrived: collections.deque = collections.deque()
+        scheduled = [False]
+
+        def deliver() -> None:
+            scheduled[0] = False  # before draining: an event appended from now on schedules a new call
+            while arrived:
+                q.put_nowait(arrived.popleft())
 
         def sink(ev: Event) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, ev)
+            arrived.append(ev)
+            if not scheduled[0]:
+                scheduled[0] = True
+                loop.call_soon_threadsafe(deliver)
 
         try:
             seqs = self.engine.submit(requests, sink)
