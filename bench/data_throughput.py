@@ -4,6 +4,9 @@
     flock /tmp/gf-cpu.lock .venv/bin/python bench/data_throughput.py --mb 1024   # the memory check
     flock /tmp/gf-cpu.lock .venv/bin/python bench/data_throughput.py --mb 20 --compare-dedup
 
+Both stages use a second process on 2 or more cores; GLASSFORGE_DATA_WORKERS=0
+GLASSFORGE_SHARDS_PROCESSES=1 keeps each to one, for the per-core figures.
+
 The corpus is a folder of `.txt` files and `.jsonl` files (1,000 records
 each) of Zipf-distributed pseudo-words, 1-12 KB per document, with 2% exact
 and 3% near duplicates (one word changed) planted. It is generated once per
@@ -171,7 +174,7 @@ def _tree_rss_mb(pid: int) -> float:
 
 
 def _own_cpu() -> float:
-    """CPU seconds of this process (all threads) and of its reaped child processes (the data workers)."""
+    """CPU seconds of this process (all threads) and of its reaped child processes (the second processes)."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
 

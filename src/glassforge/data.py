@@ -220,9 +220,10 @@ def order_roots(order: list[str], digest_of: dict[str, bytes], source_of: dict[s
 class _Analyzer:
     """The per-batch work that needs no state across documents: clean, hash, filter, sign, n-gram check.
 
-    It is a pure function of the batch's texts and the recipe, so it can run in
-    worker processes (forked, inheriting the evaluation sets' n-grams) while the
-    main process makes the sequential decisions; results are identical either way.
+    It is a pure function of the batch's texts and the recipe, so the forked
+    reader process (inheriting the evaluation sets' n-grams) can analyse every
+    other batch while the stage's process makes the sequential decisions;
+    results are identical either way.
     """
 
     def __init__(self, cfg: DataConfig):
