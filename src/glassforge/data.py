@@ -349,12 +349,15 @@ class _Stage:
         earlier design, a `multiprocessing.Pool` analysing batches that this
         process read, lost there: pickling every text both ways and the pool's
         helper threads contending for the GIL cost more than the second core
-        gave. Small inputs (under 8 MB) never fork. The output is the same
-        either way (tested).
+        gave. Small inputs (under 8 MB) and recipes with a Hugging Face source
+        never fork. The output is the same either way (tested).
         """
         import multiprocessing as mp
 
-        forking = data_workers() > 0 and "fork" in mp.get_all_start_methods()
+        # Hugging Face sources stay in one process: a streaming dataset may hold connections and an event-loop
+        # thread that a forked copy cannot use.
+        forking = (data_workers() > 0 and "fork" in mp.get_all_start_methods()
+                   and all(src.kind != "hf" for src in self.cfg.sources))
         it = iter(batches)
         size = 0
         for batch in it:
