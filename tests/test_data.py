@@ -480,6 +480,12 @@ def test_worker_processes_give_the_same_data_and_shards_as_one_process(tmp_path,
     lines = [json.dumps({"text": words(rng, rng.randint(30, 90))}) for _ in range(1400)]
     lines += [lines[5], lines[700]]  # exact duplicates across batches
     (src / "a.jsonl").write_text("\n".join(lines) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Read by the forked process from a Parquet reader the parent did not open, in several row groups.
+    pq.write_table(pa.table({"text": [words(rng, rng.randint(30, 90)) for _ in range(1200)]}), src / "b.parquet",
+                   row_group_size=300)
     outputs = []
     monkeypatch.setattr(gdata, "_READER_AFTER_BYTES", 1)  # fork after the first batch
     for workers in ("0", "1"):
