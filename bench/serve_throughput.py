@@ -268,11 +268,13 @@ def probe_threads(release: Path, batches=(1, 4, 16, 32), span: int = 150, steps:
     """Median and 10th-percentile ms per decode step at each batch size, with 1 and with all threads."""
     import torch
 
-    from glassforge.engine import Engine
+    from glassforge.engine import Engine, compile_settings
 
     engine = Engine(release, max_batch=max(batches))
+    print("decode weights:", engine.fast.weights, "compiled:", engine.wait_compiled())
     engine.close()
     torch.set_grad_enabled(False)
+    compile_settings()  # this thread runs the compiled step too (a 2-thread graph compiles on first use)
     for threads in sorted({1, os.cpu_count() or 1}):
         torch.set_num_threads(threads)
         row = []

@@ -231,7 +231,7 @@ def test_default_engine_greedy_equals_its_eager_step(random_model):
 
 
 def test_compile_failure_keeps_the_eager_step(random_model, monkeypatch):
-    def broken(self, cache, threads):
+    def broken(self, cache, threads, stop):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(FastPath, "compile", broken)
@@ -243,6 +243,14 @@ def test_compile_failure_keeps_the_eager_step(random_model, monkeypatch):
         assert ids_of(ev) == reference_greedy(e, ids, 5)
     finally:
         e.close()
+
+
+def test_close_during_the_compile_stops_it(random_model):
+    """An engine closed while its step compiles stops after the graph being made and never switches."""
+    e = Engine(random_model, max_batch=2)
+    e.close()
+    assert e.wait_compiled(600) == "off"
+    assert e.fast.step == e.fast._decode
 
 
 def test_unknown_decode_weights_is_a_user_error(random_model):

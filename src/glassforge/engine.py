@@ -344,13 +344,14 @@ class FastPath:
             x = x + lin(F.silu(gate) * up, wdown)
         return lin(self._norm(x, self.norm), self.dec_head)
 
-    def compile(self, cache: KVCache, threads: int):
+    def compile(self, cache: KVCache, threads: int, stop: Callable[[], bool] = lambda: False):
         """The decode step through torch.compile, compiled and warmed up on a scratch cache of cache's shape.
 
         Sizes are dynamic (one graph for every batch size and span >= 2, one for batch 1), so serving
         does not recompile; a scratch cache because the real one is in use while this runs. The
         graphs are guarded on torch's intra-op thread count, so they are made with the count decode
-        steps run with (`threads`); the caller must not change it while this runs.
+        steps run with (`threads`); the caller must not change it while this runs. Returns None
+        when stop() turns true between the two graphs (the engine closed meanwhile).
         """
         compile_settings()
         torch.set_num_threads(threads)
@@ -359,6 +360,8 @@ class FastPath:
         ks, vs = list(scratch.k.unbind(0)), list(scratch.v.unbind(0))
         with torch.no_grad():  # as the engine thread runs it: inference-mode tensors would not match the guards
             for S in (1, 2):
+                if stop():
+                    return None
                 step(torch.zeros(S, dtype=torch.long), torch.arange(1, S + 1), ks, vs, S + 1)
         return step
 
@@ -449,7 +452,9 @@ class Engine:
         self._compiler: threading.Thread | None = None
         if compile_decode:
             self.compile_state = "compiling"
-            self._compiler = threading.Thread(target=self._compile, name="glassforge-compile", daemon=True)
+            # not a daemon: a process that exits while inductor compiles is aborted from C++
+            # ("terminate called without an active exception"), so exit waits for the graph being made
+            self._compiler = threading.Thread(target=self._compile, name="glassforge-compile")
         # Threads: decode steps are many small operations, where a second intra-op thread mostly waits
         # for the scheduler (on 2 shared cores, and with the HTTP side needing a core, one thread was
         # several times faster, see docs/PERFORMANCE.md); long prompts are big matmuls and get them all.
@@ -489,11 +494,13 @@ class Engine:
         the eager step, with the reason in `compile_state`.
         """
         try:
-            step = self.fast.compile(self.cache, self.decode_threads)
+            step = self.fast.compile(self.cache, self.decode_threads, lambda: self._closed)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: keep the eager step
             self.compile_state = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             return
-        if not self._closed:
+        if step is None or self._closed:
+            self.compile_state = "off"
+        else:
             self.fast.step = step  # picked up by the next decode step (one attribute store: atomic)
             self.compile_state = "on"
 
