@@ -263,7 +263,8 @@ def test_page_end_to_end(tiny_run, page, tmp_path):
                          "[...document.querySelectorAll('#facts img')].every(i => i.complete && i.naturalWidth > 0)")
 
         # Keyboard only: focus is in the message box; type and press Enter.
-        page.fill("#temperature", "0")
+        # The page's default temperature (0.7): greedy, the tiny model answers only newlines.
+        assert page.input_value("#temperature") == "0.7"
         page.fill("#max-tokens", "48")
         page.focus("#message")
         page.keyboard.type("What does json.dumps do?")
