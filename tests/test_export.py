@@ -225,3 +225,15 @@ def test_lower_precision_gguf_stores_matrices_in_that_type(model_folder, dtype, 
     got = dequantize(down.data, qtype).reshape(tuple(int(d) for d in reversed(down.shape)))
     w = load_file(str(model_folder / "model.safetensors"))["model.layers.1.mlp.down_proj.weight"]
     assert np.abs(got - w).max() <= (2 ** -8 if dtype == "bf16" else 1 / 254 * 1.01) * np.abs(w).max()
+
+
+def test_cli_export_writes_the_dtype_asked(model_folder, tmp_path, capsys):
+    import gguf
+
+    from glassforge.cli import main
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(model_folder), "--out", str(out), "--dtype", "q8_0"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "q8_0"
+    file_type = int(_fields(gguf.GGUFReader(out))["general.file_type"])
+    assert file_type == int(gguf.LlamaFileType.MOSTLY_Q8_0)

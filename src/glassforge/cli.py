@@ -80,7 +80,8 @@ def cmd_export(args) -> int:
     from glassforge.export import export_gguf
     from glassforge.generate import resolve_release
 
-    print(json.dumps(export_gguf(resolve_release(args.release), Path(args.out)), indent=2, default=str))
+    print(json.dumps(export_gguf(resolve_release(args.release), Path(args.out), dtype=args.dtype), indent=2,
+                     default=str))
     return 0
 
 
@@ -103,7 +104,8 @@ def cmd_serve(args) -> int:
     from glassforge.serve import serve
 
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GLASSFORGE_API_KEY"),
-          max_batch=args.max_batch, max_context=args.max_context, banner=args.banner)
+          max_batch=args.max_batch, max_context=args.max_context, banner=args.banner,
+          decode_weights=args.decode_weights)
     return 0
 
 
@@ -190,6 +192,8 @@ def make_parser() -> argparse.ArgumentParser:
     x.add_argument("release", help="a release folder or its run folder")
     x.add_argument("--format", choices=["gguf"], default="gguf")
     x.add_argument("--out", required=True, help="the file to write")
+    x.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0"), default="f32",
+                   help="storage of the weight matrices (norms stay f32); q8_0 matches the server's int8 decode")
     x.set_defaults(func=cmd_export)
 
     v = sub.add_parser("verify", help="check a release's hashes and attestation (PASS/FAIL per claim)")
@@ -215,6 +219,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require this bearer key (default: $GLASSFORGE_API_KEY, else none)")
     s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     s.add_argument("--max-context", type=int, help="tokens per sequence (default: the model's)")
+    s.add_argument("--decode-weights", choices=("int8", "bf16", "f32"),
+                   help="precision of the weights in decode steps (default: int8, or $GLASSFORGE_DECODE_WEIGHTS; "
+                        "prompts are always scored in f32)")
     s.add_argument("--banner", action="store_true", help="print how to talk to the server")
     s.set_defaults(func=cmd_serve)
 

@@ -988,7 +988,7 @@ def banner_text(host: str, port: int, model: str, api_key: str | None) -> str:
 
 def serve(run: Path | str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_context: int | None = None, banner: bool = False,
-          max_queue: int | None = None) -> None:
+          max_queue: int | None = None, decode_weights: str | None = None) -> None:
     """Load the release and serve the API until interrupted."""
     import uvicorn
 
@@ -1003,7 +1003,8 @@ def serve(run: Path | str, host: str = "127.0.0.1", port: int = 8000, api_key: s
             probe.bind(infos[0][4])
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    engine = Engine(run, max_batch=max_batch, max_context=max_context, max_queue=max_queue)
+    engine = Engine(run, max_batch=max_batch, max_context=max_context, max_queue=max_queue,
+                    decode_weights=decode_weights)
     app = create_app(engine, api_key=api_key)
     model = app.state.server.model_name
     from glassforge.web import mount
