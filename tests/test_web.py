@@ -263,8 +263,15 @@ def test_page_end_to_end(tiny_run, page, tmp_path):
                          "[...document.querySelectorAll('#facts img')].every(i => i.complete && i.naturalWidth > 0)")
 
         # Keyboard only: focus is in the message box; type and press Enter.
-        # The page's default temperature (0.7): greedy, the tiny model answers only newlines.
+        # The page's default temperature (0.7): greedy, the tiny model answers only newlines. The page
+        # sends no seed; the test adds one to its request so the sampled answer is the same every run.
         assert page.input_value("#temperature") == "0.7"
+
+        def seeded(route, request):
+            body = json.loads(request.post_data)
+            route.continue_(post_data=json.dumps({**body, "seed": 1}))
+
+        page.route("**/v1/chat/completions", seeded)
         page.fill("#max-tokens", "48")
         page.focus("#message")
         page.keyboard.type("What does json.dumps do?")
@@ -292,8 +299,9 @@ def test_page_end_to_end(tiny_run, page, tmp_path):
         # Down to one-token spans, some of the answer's words surely occur in training: they highlight.
         page.fill("#min-span", "1")
         answer.locator(".trace-button").click()
-        result.locator(".traced .span").first.wait_for()
-        result.locator(".traced .span").first.click()
+        # A span of newlines only renders as nothing to click; take the first visible one.
+        result.locator(".traced .span:visible").first.wait_for()
+        result.locator(".traced .span:visible").first.click()
         result.locator("li.doc").first.wait_for()
         assert " of at least 1 token occur" in result.locator(".trace-summary").inner_text()
         page.fill("#min-span", "8")
