@@ -72,7 +72,8 @@ def test_adamw_decays_matrices_only():
 
 def test_muon_takes_hidden_matrices_and_orthogonalises():
     model = tiny_model()
-    muon, adamw = T.build_optimizers(model, TrainConfig(optimizer="muon"))
+    muon, adamw = T.build_optimizers(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.005))
+    assert muon.param_groups[0]["lr"] == 0.005 and adamw.param_groups[0]["lr"] == 1e-3
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in muon.param_groups[0]["params"]} == {
         n for n, p in model.named_parameters() if p.dim() == 2 and ".layers." in n}

@@ -77,6 +77,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     optimizer: str = "adamw"  # adamw | muon
+    muon_lr: float = 0.02  # Muon's peak learning rate (hidden matrices); lr stays AdamW's for the rest
     dtype: str = "auto"  # auto (bf16 where the hardware has it) | bf16 | fp32
     compile: str = "auto"  # auto (GPUs always; CPUs for long runs, where compiling pays) | on | off
     fsdp: bool = False

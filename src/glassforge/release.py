@@ -89,10 +89,8 @@ def hub_license_lines(licenses: list[str]) -> list[str]:
 
 def optimizer_words(cfg) -> str:
     """The optimiser of a training section, as the model card states it."""
-    from glassforge.train import MUON_LR
-
     if cfg.optimizer == "muon":
-        return (f"Muon for the hidden matrices (peak learning rate {MUON_LR}) and AdamW for embeddings and "
+        return (f"Muon for the hidden matrices (peak learning rate {cfg.muon_lr}) and AdamW for embeddings and "
                 f"norms (peak learning rate {cfg.lr})")
     return f"AdamW, peak learning rate {cfg.lr}"
 

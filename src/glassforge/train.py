@@ -129,9 +129,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-MUON_LR = 0.02  # Muon's peak learning rate; the schedule scales it like AdamW's
-
-
 def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The nearest semi-orthogonal matrix to G, by a quintic Newton-Schulz iteration (Muon).
 
@@ -204,7 +201,7 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig,
         hidden_ids = {id(p) for p in hidden}
         rest_matrices = [p for p in matrices if id(p) not in hidden_ids]
         groups = [{"params": rest_matrices, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-        return [Muon(hidden, lr=MUON_LR, weight_decay=cfg.weight_decay, dtype=dtype),
+        return [Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, dtype=dtype),
                 torch.optim.AdamW(groups, **adam_kw, **fused)]
     raise UserError(f"pretrain.optimizer: unknown '{cfg.optimizer}' (known: adamw, muon)")
 
@@ -636,7 +633,7 @@ def train(
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for opt in opts:
-                scale = MUON_LR / cfg.lr if isinstance(opt, Muon) else 1.0  # Muon follows the same schedule
+                scale = cfg.muon_lr / cfg.lr if isinstance(opt, Muon) else 1.0  # Muon follows the same schedule
                 for g in opt.param_groups:
                     g["lr"] = lr * scale
             rows = order.global_batch(step)
