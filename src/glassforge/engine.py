@@ -180,6 +180,11 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.to(torch.bfloat16)
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception as its type and the first line of its message (compiler errors run to pages)."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def compile_settings() -> None:
     """Dynamo settings for the compiled decode step; call in every thread that compiles or runs it.
 
@@ -316,7 +321,7 @@ class FastPath:
             return self.step(tokens, positions, self._views[1], self._views[2], span)
         except Exception as e:  # noqa: BLE001 - a recompile that fails (limit, compiler) must not fail requests
             self.step = self._decode
-            self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.compile_error = _one_line(e)
             return self._decode(tokens, positions, self._views[1], self._views[2], span)
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, ks: list[torch.Tensor],
@@ -496,7 +501,7 @@ class Engine:
         try:
             step = self.fast.compile(self.cache, self.decode_threads, lambda: self._closed)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: keep the eager step
-            self.compile_state = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.compile_state = f"failed: {_one_line(e)}"
             return
         if step is None or self._closed:
             self.compile_state = "off"

@@ -8,7 +8,8 @@ template and the end-of-turn tokens; tensors under llama.cpp's names
 (`token_embd`, `blk.N.attn_q`, ...), in fp32 by default so nothing is lost.
 `dtype` may instead store the matrices as f16, bf16 or q8_0 (norm weights stay
 fp32, as llama.cpp wants): that is how llama.cpp is compared with our engine at
-matching precision (bf16 against our bf16 decode, see docs/PERFORMANCE.md).
+matching precision (q8_0 against our default int8 decode, bf16 against bf16;
+see docs/PERFORMANCE.md).
 
 One real difference: our RoPE (Hugging Face's) rotates the first half of each
 head against the second half, while llama.cpp's Llama RoPE rotates adjacent

@@ -22,7 +22,6 @@ import base64
 import html
 import io
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -377,11 +376,7 @@ def write_report(run: Path, out: Path | None = None) -> Path:
     path = Path(out) if out is not None else run / "report.html"
     if path.is_dir():
         raise UserError(f"--out {path}: is a folder; give a file name such as {path / 'report.html'}")
-    atomic_write_text(path, html_text)
-    # The atomic write's temporary file is private (0600); a report is for sharing: use the usual mode.
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    atomic_write_text(path, html_text)  # with the usual 0666 & ~umask mode: a report is for sharing
     return path
 
 

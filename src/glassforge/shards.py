@@ -205,7 +205,6 @@ class FastAsciiEncoder:
         return self.encode_batch([text])[0].tolist()
 
 
-
 class _ChunkTokenizer:
     """Tokens of a chunk of documents, each followed by the separator, as one array.
 
@@ -267,7 +266,6 @@ class _ChunkTokenizer:
         bounds = np.concatenate([[0], np.cumsum(counts[:len(check)])]).tolist()
         encs = self.encode([texts[i] for i in check], add_special_tokens=False)
         return all(ids[bounds[k]:bounds[k + 1]].tolist() == enc.ids for k, enc in enumerate(encs))
-
 
 
 @dataclass
@@ -354,6 +352,7 @@ def _tokenize_in_parts(docs_path: Path, tokenizer_dir: Path, dtype: np.dtype, tm
         second = pool.apply_async(_tokenize_part, (docs_path, tokenizer_dir, dtype, mid, size, tmp_paths[1], False))
         first = _tokenize_part(docs_path, tokenizer_dir, dtype, 0, mid, tmp_paths[0], True)
         return [first, second.get()]
+
 
 def _manifest_is_data_output(run: Run) -> bool:
     try:

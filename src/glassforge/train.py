@@ -134,9 +134,8 @@ def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype 
 
     G is one matrix or a stack of same-shape matrices (..., m, n), each
     orthogonalised on its own. The iteration only has to land near orthogonal,
-    so it runs in the training precision: bf16 halves its cost where bf16
-    matmuls are fast (a 4-layer d_model 256 model: 0.27 s to 0.14 s a step on
-    one core, fp32 to bf16).
+    so it runs in the training precision: bf16 roughly halves its cost where
+    bf16 matmuls are fast (docs/PERFORMANCE.md, "Muon").
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype)
@@ -172,7 +171,8 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.mul_(group["momentum"]).add_(p.grad)
-                by_shape.setdefault(tuple(p.shape), []).append((p, p.grad.add(buf, alpha=group["momentum"])))  # Nesterov
+                update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                by_shape.setdefault(tuple(p.shape), []).append((p, update))
             for (rows, cols), items in by_shape.items():
                 updates = zeropower_newton_schulz(torch.stack([u for _, u in items]), dtype=self.dtype)
                 scale = max(1.0, rows / cols) ** 0.5
