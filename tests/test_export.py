@@ -35,6 +35,17 @@ def exported(model_folder, tmp_path_factory) -> Path:
     return out
 
 
+def test_exported_file_gets_the_usual_permissions(exported):
+    """Not mkstemp's private 0600: a file meant to be copied and shared gets 0666 less the umask."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(exported.stat().st_mode) == 0o666 & ~umask
+    assert not list(exported.parent.glob(".*.tmp"))  # the temporary file was renamed, not left behind
+
+
 def _fields(reader) -> dict:
     return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
 

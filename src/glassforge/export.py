@@ -24,14 +24,12 @@ match the release's manifest.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from glassforge.errors import UserError
-from glassforge.runfolder import sha256_file
+from glassforge.runfolder import atomic_path, sha256_file
 
 
 def permute_for_llamacpp(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -153,10 +151,7 @@ def export_gguf(release: Path, out: Path, dtype: str = "f32") -> dict:
                 w = permute_for_llamacpp(w, cfg.n_kv_heads)
             tensors.append((gg_name, w))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, arch="llama")
         w.add_name(f"glassforge {release.resolve().parent.name or release.name}")
         w.add_file_type(int(gguf.LlamaFileType[GGUF_DTYPES[dtype][1]]))
@@ -197,11 +192,5 @@ def export_gguf(release: Path, out: Path, dtype: str = "f32") -> dict:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return {"gguf": str(out), "sha256": sha256_file(out), "bytes": out.stat().st_size, "tensors": len(tensors),
             "weights_sha256": weights_sha, "dtype": dtype}

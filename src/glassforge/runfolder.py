@@ -21,9 +21,10 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from glassforge.errors import UserError
 
@@ -69,21 +70,32 @@ def _public_mode(fd: int) -> None:
     os.fchmod(fd, 0o666 & ~_umask())
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """A temporary sibling of `path` to write by name, renamed onto `path` when the block succeeds.
+
+    For writers that open the file themselves (the GGUF writer takes a file name);
+    the file already has its public mode, which opening it for writing keeps.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     _public_mode(fd)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
