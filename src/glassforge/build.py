@@ -65,8 +65,15 @@ STAGES: list[Stage] = [
 STAGE_NAMES = [s.name for s in STAGES]
 
 
-def fingerprint(paths: list[Path]) -> str:
-    return sha256_bytes(canonical_json({p.name: sha256_file(p) if p.is_file() else None for p in paths}))
+def fingerprint(run: Run, paths: list[Path]) -> str:
+    """Content hash of a stage's outputs, each keyed by its path inside the run folder.
+
+    Not the bare file name: pretrain's and sft's weights are both model.safetensors,
+    and one would overwrite the other. Not the absolute path either: the same run
+    moved or copied to another machine must hash the same.
+    """
+    return sha256_bytes(canonical_json({p.relative_to(run.root).as_posix(): sha256_file(p) if p.is_file() else None
+                                        for p in paths}))
 
 
 def stage_input_hash(run: Run, name: str) -> str:
@@ -76,7 +83,7 @@ def stage_input_hash(run: Run, name: str) -> str:
     stage = STAGES[i]
     parts = {"stage": name, "recipe": recipe.section_hash(*stage.sections)}
     if i > 0:
-        parts["previous"] = fingerprint([p for prev in STAGES[:i] for p in prev.outputs(run)])
+        parts["previous"] = fingerprint(run, [p for prev in STAGES[:i] for p in prev.outputs(run)])
     if name == "data":
         from glassforge import data
 
@@ -91,7 +98,7 @@ def is_current(run: Run, name: str) -> bool:
     if not done or done.get("input_hash") != stage_input_hash(run, name):
         return False
     outputs = stage.outputs(run)
-    return bool(outputs) and all(p.is_file() for p in outputs) and done.get("output") == fingerprint(outputs)
+    return bool(outputs) and all(p.is_file() for p in outputs) and done.get("output") == fingerprint(run, outputs)
 
 
 def run_stage(run: Run, name: str, **options) -> dict:
@@ -108,7 +115,7 @@ def run_stage(run: Run, name: str, **options) -> dict:
     t = time.perf_counter()
     result = stage.entry(run, **options) or {}
     seconds = round(time.perf_counter() - t, 2)
-    run.mark_done(name, input_hash, output=fingerprint(stage.outputs(run)), seconds=seconds)
+    run.mark_done(name, input_hash, output=fingerprint(run, stage.outputs(run)), seconds=seconds)
     return {"stage": name, "seconds": seconds, **result}
 
 
