@@ -385,6 +385,29 @@ def test_error_midstream_is_an_error_event(live):
     assert json.loads(line[len("data: "):])["error"]["message"] == "boom"
 
 
+def test_merge_pending_folds_one_choices_waiting_events_up_to_its_finish():
+    from glassforge.engine import Event, TokenLogprob
+    from glassforge.serve import merge_pending
+
+    def tok(i):
+        return TokenLogprob(i, f"t{i}", -0.5, None, i)
+
+    q: asyncio.Queue = asyncio.Queue()
+    for ev in (Event(0, "b", [tok(2)], prompt_tokens=4, completion_tokens=2),
+               Event(0, "c", [tok(3)], "stop", prompt_tokens=4, completion_tokens=3),
+               Event(0, "late"), Event(1, "other")):
+        q.put_nowait(ev)
+    first = Event(0, "a", [tok(1)], prompt_tokens=4, completion_tokens=1)
+    merged = merge_pending(first, q)
+    assert (merged.text, [t.id for t in merged.tokens], merged.finish_reason) == ("abc", [1, 2, 3], "stop")
+    assert (merged.prompt_tokens, merged.completion_tokens) == (4, 3)
+    assert [e.text for e in q._queue] == ["late", "other"]  # nothing folded past the finish
+    # another choice's event, or an error, is never folded in
+    assert merge_pending(q.get_nowait(), q).text == "late" and q.qsize() == 1
+    q.put_nowait(Event(1, error="boom"))
+    assert merge_pending(q.get_nowait(), q).text == "other" and q.qsize() == 1
+
+
 def test_concurrent_streams_load(live):
     """32 concurrent streaming clients x 20 requests: no errors, and nothing left running or queued."""
     n_clients, per_client = 32, 20

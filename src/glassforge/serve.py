@@ -498,12 +498,7 @@ def merge_pending(ev: Event, q: asyncio.Queue) -> Event:
         if nxt.index != ev.index or nxt.error or nxt.prompt_logprobs is not None:
             break
         q.get_nowait()
-        ev.text += nxt.text
-        ev.tokens = ev.tokens + nxt.tokens
-        ev.completion_tokens = nxt.completion_tokens
-        if nxt.finish_reason:
-            ev.finish_reason = nxt.finish_reason
-            ev.prompt_tokens = nxt.prompt_tokens
+        if ev.absorb(nxt):
             break
     return ev
 
