@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,22 @@ def tiny_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "run"
     build("tiny", out)
     return out
+
+
+@pytest.fixture
+def file_reads(monkeypatch) -> Counter:
+    """How often each file (by path) is read to be hashed or copied, through runfolder's one reader."""
+    from glassforge import runfolder
+
+    counts: Counter = Counter()
+    blocks = runfolder._blocks
+
+    def counting(path, *args, **kwargs):
+        counts[str(path)] += 1
+        return blocks(path, *args, **kwargs)
+
+    monkeypatch.setattr(runfolder, "_blocks", counting)
+    return counts
 
 
 class LiveServer:

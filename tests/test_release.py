@@ -160,6 +160,23 @@ def test_no_code_path_unpickles_or_torch_loads():
 
 
 @pytest.mark.slow
+def test_release_reads_each_file_once(run_root, tmp_path, file_reads):
+    """The weights are hashed as they are copied; the model card, manifest and checkpoint chain share that hash."""
+    import shutil
+
+    from glassforge.release import final_weights, run_release
+    from glassforge.runfolder import Run
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_root, copy, ignore=shutil.ignore_patterns("release", "trace*"))
+    out = run_release(Run(copy))
+    assert out["model_sha256"] == json.loads((copy / "release" / "manifest.json").read_text())[
+        "files"]["model.safetensors"]["sha256"]
+    assert file_reads[str(final_weights(Run(copy))[1])] == 1
+    assert max(file_reads.values()) == 1, file_reads.most_common(3)
+
+
+@pytest.mark.slow
 def test_signed_release_and_bad_keys(run_root, tmp_path):
     import shutil
 

@@ -41,6 +41,16 @@ def test_untouched_release_passes_every_claim(run_root, capsys):
     assert "PASS weights:" in out and "FAIL" not in out
 
 
+def test_verify_reads_each_file_once(run_root, file_reads):
+    """The manifest, the attestation's subject and the replay checkpoint checks share one hash per file."""
+    from glassforge.verify import verify_release
+
+    rel = run_root / "release"
+    assert not failures(verify_release(rel))
+    assert file_reads[str(rel / "model.safetensors")] == 1
+    assert max(file_reads.values()) == 1, file_reads.most_common(3)
+
+
 def _flip_byte(path: Path, offset: int = -1) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 from glassforge import __version__
 from glassforge.errors import UserError
 from glassforge.model import ModelConfig
 from glassforge.runfolder import (Run, atomic_write_bytes, atomic_write_dir, atomic_write_json, atomic_write_text,
-                                  canonical_json, sha256_bytes, sha256_file)
+                                  canonical_json, copy_file, hashing_once, sha256_bytes, sha256_file)
 
 
 def write_model_folder(folder: Path, model_cfg: ModelConfig, weights: Path, tokenizer_dir: Path) -> None:
@@ -43,9 +42,9 @@ def write_model_folder(folder: Path, model_cfg: ModelConfig, weights: Path, toke
     atomic_write_json(folder / "config.json", model_cfg.to_hf(eos_token_id=[end, eot], pad_token_id=pad))
     atomic_write_json(folder / "generation_config.json", {
         "eos_token_id": [end, eot], "pad_token_id": pad, "do_sample": False, "max_new_tokens": 256})
-    shutil.copyfile(weights, folder / "model.safetensors")
+    copy_file(weights, folder / "model.safetensors")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copyfile(tokenizer_dir / name, folder / name)
+        copy_file(tokenizer_dir / name, folder / name)
 
 
 def file_manifest(folder: Path) -> dict:
@@ -256,10 +255,10 @@ def _copy_replay_files(run: Run, tmp: Path, intervals: list[dict]) -> None:
             dest = tmp / it["start_checkpoint"]
             dest.mkdir(parents=True)
             for name in ("model.safetensors", "optimizer.safetensors", "trainer.json"):
-                shutil.copyfile(src / name, dest / name)
+                copy_file(src / name, dest / name)
         if it["init_weights"]:
             (tmp / it["init_weights"]).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(list_checkpoints(run.pretrain)[-1][1] / "model.safetensors", tmp / it["init_weights"])
+            copy_file(list_checkpoints(run.pretrain)[-1][1] / "model.safetensors", tmp / it["init_weights"])
 
 
 def attestation_predicate(run: Run, replay: list[dict], manifest_sha256: str, trace_sha256: str | None) -> dict:
@@ -305,6 +304,7 @@ def attestation_predicate(run: Run, replay: list[dict], manifest_sha256: str, tr
     }
 
 
+@hashing_once()  # the card, the manifest and the checkpoint chain each ask for the same weights' hash
 def run_release(run: Run, sign_key: Path | None = None) -> dict:
     """Assemble RUN/release/: the model in Hugging Face layout, cards, manifest and attestation.
 
@@ -320,6 +320,7 @@ def run_release(run: Run, sign_key: Path | None = None) -> dict:
     if sign_key is not None:
         sign(b"", Path(sign_key))  # a bad key fails now, before any work
     replay = replay_intervals(run)
+    released: dict = {}
 
     def fill(tmp: Path) -> None:
         write_model_folder(tmp, recipe.model, weights, run.tokenizer)
@@ -332,7 +333,7 @@ def run_release(run: Run, sign_key: Path | None = None) -> dict:
         atomic_write_text(tmp / "metrics.jsonl", "".join(r + "\n" for r in rows))
         for src_stage in ("pretrain", "sft"):
             if (run.root / src_stage / "loss.png").is_file():
-                shutil.copyfile(run.root / src_stage / "loss.png", tmp / ("loss.png" if src_stage == "pretrain" else "sft_loss.png"))
+                copy_file(run.root / src_stage / "loss.png", tmp / ("loss.png" if src_stage == "pretrain" else "sft_loss.png"))
         atomic_write_text(tmp / "README.md", model_card(run, stage))
         write_data_card(run, tmp)  # DATA_CARD.md and its figure, by the data stage
         atomic_write_text(tmp / "recipe.toml", run.recipe.read_text())
@@ -345,7 +346,8 @@ def run_release(run: Run, sign_key: Path | None = None) -> dict:
         atomic_write_json(tmp / "manifest.json", {"glassforge_version": __version__, "recipe_sha256": recipe.hash(),
                                                   "weights_from": stage, "files": files})
         predicate = attestation_predicate(run, replay, sha256_file(tmp / "manifest.json"), trace_sha)
-        payload = statement_bytes(statement(files["model.safetensors"]["sha256"], predicate))
+        released["sha256"] = files["model.safetensors"]["sha256"]
+        payload = statement_bytes(statement(released["sha256"], predicate))
         atomic_write_bytes(tmp / "attestation.json", payload)
         if sign_key is not None:
             envelope, public = sign(payload, Path(sign_key))
@@ -354,4 +356,4 @@ def run_release(run: Run, sign_key: Path | None = None) -> dict:
 
     atomic_write_dir(run.release, fill)
     return {"release": str(run.release), "weights_from": stage,
-            "model_sha256": sha256_file(run.release / "model.safetensors"), "signed": sign_key is not None}
+            "model_sha256": released["sha256"], "signed": sign_key is not None}

@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 from glassforge.errors import UserError
-from glassforge.runfolder import sha256_file
+from glassforge.runfolder import hashing_once, sha256_file
 
 Claim = tuple[str, bool, str]
 
@@ -397,6 +397,7 @@ def _subject(release: Path) -> str | None:
 
 # --------------------------------------------------------------------------- entry points
 
+@hashing_once()  # the manifest, attestation and replay checks each ask for the same files' hashes
 def verify_release(release: Path, replay: bool = False, data_run: Path | None = None,
                    public_key: Path | None = None) -> list[Claim]:
     """Every claim about a release, each (name, passed, reason)."""
