@@ -17,7 +17,7 @@ from test_release import release_run
 def model_folder(request, tmp_path_factory) -> Path:
     """Folders to export: random weights (tied and untied embeddings; fast) and the real `tiny` release."""
     if request.param == "tiny":
-        return release_run(request, tmp_path_factory) / "release"
+        return release_run(request) / "release"
     from conftest import make_random_model_folder
 
     return make_random_model_folder(tmp_path_factory.mktemp(request.param), d_model=64, n_layers=2, n_heads=4,
@@ -196,11 +196,11 @@ def test_llamacpp_conventions_on_the_gguf_give_our_logits(model_folder, exported
 
 
 @pytest.mark.slow
-def test_export_refuses_weights_that_do_not_match_the_manifest(request, tmp_path_factory, tmp_path):
+def test_export_refuses_weights_that_do_not_match_the_manifest(request, tmp_path):
     from glassforge.errors import UserError
     from glassforge.export import export_gguf
 
-    run_root = release_run(request, tmp_path_factory)
+    run_root = release_run(request)
     rel = tmp_path / "release"
     shutil.copytree(run_root / "release", rel, ignore=shutil.ignore_patterns("replay", "trace"))
     data = bytearray((rel / "model.safetensors").read_bytes())

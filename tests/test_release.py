@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -13,36 +12,21 @@ import pytest
 _CACHE: dict[str, Path] = {}
 
 
-def release_run(request, tmp_path_factory) -> Path:
-    """A real `tiny` run with its release, built once per session.
+def release_run(request) -> Path:
+    """A real `tiny` run with its release, built once per session (conftest's `tiny_run`).
 
-    The full build (conftest's `tiny_run`) when the SFT and eval stages exist;
-    otherwise data, tokenizer, shards, pretrain and release, stage by stage.
     GLASSFORGE_TEST_TINY_RUN=PATH reuses a tiny run already built (by this same
     code: replay is bit for bit only with it); the tests never modify it.
     """
-    if "run" not in _CACHE and os.environ.get("GLASSFORGE_TEST_TINY_RUN"):
-        _CACHE["run"] = Path(os.environ["GLASSFORGE_TEST_TINY_RUN"])  # a run built by this very code
     if "run" not in _CACHE:
-        if importlib.util.find_spec("glassforge.sft") and importlib.util.find_spec("glassforge.evaluate"):
-            run_root = request.getfixturevalue("tiny_run")
-        else:
-            from glassforge.build import run_stage
-            from glassforge.recipe import dump_recipe, load_recipe
-            from glassforge.runfolder import Run, atomic_write_text
-
-            run_root = tmp_path_factory.mktemp("tiny_staged") / "run"
-            run = Run.create(run_root)
-            atomic_write_text(run.recipe, dump_recipe(load_recipe("tiny")))
-            for stage in ("data", "tokenizer", "shards", "pretrain", "release"):
-                run_stage(run, stage)
-        _CACHE["run"] = Path(run_root)
+        built = os.environ.get("GLASSFORGE_TEST_TINY_RUN")  # a run built by this very code
+        _CACHE["run"] = Path(built) if built else Path(request.getfixturevalue("tiny_run"))
     return _CACHE["run"]
 
 
 @pytest.fixture(scope="module")
-def run_root(request, tmp_path_factory) -> Path:
-    return release_run(request, tmp_path_factory)
+def run_root(request) -> Path:
+    return release_run(request)
 
 
 @pytest.mark.slow
@@ -103,10 +87,10 @@ def test_attestation_is_an_in_toto_statement_binding_the_inputs(run_root):
 
 
 @pytest.fixture(params=["random", pytest.param("tiny", marks=pytest.mark.slow)])
-def hf_folder(request, tmp_path_factory) -> Path:
+def hf_folder(request) -> Path:
     """A model folder written by release.write_model_folder (random weights: fast), and the real release."""
     if request.param == "tiny":
-        return release_run(request, tmp_path_factory) / "release"
+        return release_run(request) / "release"
     return request.getfixturevalue("random_model")
 
 

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow  # every test here needs the real `tiny` build
 
 
 @pytest.fixture(scope="module")
-def run_root(request, tmp_path_factory) -> Path:
-    return release_run(request, tmp_path_factory)
+def run_root(request) -> Path:
+    return release_run(request)
 
 
 def copy_release(run_root: Path, dest: Path) -> Path:
