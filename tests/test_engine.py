@@ -77,6 +77,45 @@ def test_n_choices_share_a_prefill(engine):
     assert ids_of(evs[0]) == ids_of(evs[1]) == ids_of(evs[2]) == reference_greedy(engine, ids, 6)
 
 
+def test_packed_prefill_equals_one_prompt_at_a_time(random_model):
+    """Prompts prefilled in one forward give each prompt's own logits and cache rows."""
+    e = Engine(random_model, max_batch=4, decode_weights="f32", compile_decode=False)
+    try:
+        prompts = [e.encode(p) for p in PROMPTS]
+        with torch.no_grad():
+            alone = torch.cat([e.fast.prefill(ids, e.cache, slot, False) for slot, ids in enumerate(prompts)])
+            k_alone, v_alone = e.cache.k.clone(), e.cache.v.clone()
+            e.cache.k.zero_()
+            e.cache.v.zero_()
+            packed = e.fast.prefill_packed([(ids, slot) for slot, ids in enumerate(prompts)], e.cache)
+        assert packed.shape == (len(PROMPTS), e.vocab_size)
+        torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(e.cache.k, k_alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(e.cache.v, v_alone, rtol=1e-5, atol=1e-5)
+    finally:
+        e.close()
+
+
+def test_prompts_submitted_together_share_one_prefill_pass(random_model):
+    e = Engine(random_model, max_batch=4, decode_weights="f32", compile_decode=False)
+    try:
+        prompts = [e.encode(p) for p in PROMPTS]
+        refs = [reference_greedy(e, ids, 5) for ids in prompts]
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0)
+        e.submit([(i, ids, params) for i, ids in enumerate(prompts)], q.put)
+        got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+        done = 0
+        while done < len(prompts):
+            ev = q.get(timeout=30)
+            got[ev.index] += ids_of(ev)
+            done += bool(ev.finish_reason)
+        assert [got[i] for i in range(len(prompts))] == refs
+        assert e.stats["prefills"] == len(prompts) and e.stats["prefill_passes"] == 1
+    finally:
+        e.close()
+
+
 def test_seeded_sampling_is_independent_of_batch_companions(engine):
     ids = engine.encode(PROMPTS[0])
     p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=42, ignore_eos=True)
