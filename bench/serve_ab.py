@@ -1,0 +1,118 @@
+"""A/B of two server configurations on the same weights, requests interleaved so both share the machine's load.
+
+    flock /tmp/gf-cpu.lock .venv/bin/python bench/serve_ab.py "GLASSFORGE_DECODE_WEIGHTS=bf16" "" --streams 16
+
+Each side is `glassforge serve` in its own subprocess with the given environment
+assignments (space-separated NAME=VALUE; "" for none). Both are started, both
+compile their decode steps, then rounds alternate A B, B A, ... so a neighbour's
+load or the CPU's clock falls on both alike. A round is one streaming
+completion (--streams 1: the decode rate, first to last token) or --streams N
+concurrent ones (the aggregate rate, all tokens over the wall time). Prints
+each side's median and the median of the per-round ratios A/B with their range.
+
+On a shared 2-core machine single runs of `serve_throughput.py` move by 30%
+between runs; a change smaller than that is only visible this way. Python
+packages (uvloop, httptools) cannot be switched by environment: compare those
+by installing and removing them between runs of `serve_throughput.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_throughput import PROMPT, free_port, make_random_release, stream_once  # noqa: E402
+
+
+def start(release: Path, assignments: str) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ)
+    for item in assignments.split():
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"serve_ab: {item!r} is not NAME=VALUE")
+        env[name] = value
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "glassforge", "serve", str(release), "--port", str(port),
+                             "--max-batch", "32"], env=env)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, base: str) -> str:
+    import httpx
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            r = httpx.get(f"{base}/health", timeout=1)
+            if r.status_code == 200 and r.json().get("decode_compile") != "compiling":
+                return r.json().get("decode_compile")
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"serve_ab: the server at {base} did not start")
+
+
+async def rounds(bases: list[str], prompt_ids: list[int], tokens: int, streams: int, n: int) -> list[list[float]]:
+    import httpx
+
+    rates: list[list[float]] = [[], []]
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=streams + 4)) as client:
+        for base in bases:
+            await stream_once(client, f"{base}/v1/completions", prompt_ids, 8)  # warm up
+        for r in range(n):
+            for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+                url = f"{bases[side]}/v1/completions"
+                if streams == 1:
+                    got, _, first, last = await stream_once(client, url, prompt_ids, tokens)
+                    rates[side].append((got - 1) / (last - first))
+                else:
+                    t0 = time.perf_counter()
+                    res = await asyncio.gather(*(stream_once(client, url, prompt_ids, tokens) for _ in range(streams)))
+                    rates[side].append(sum(x[0] for x in res) / (time.perf_counter() - t0))
+    return rates
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("a", help="environment assignments for A, e.g. 'GLASSFORGE_DECODE_WEIGHTS=bf16'")
+    p.add_argument("b", help="environment assignments for B ('' for the defaults)")
+    p.add_argument("release", nargs="?", type=Path, help="run or release folder (default: random weights)")
+    p.add_argument("--streams", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=8)
+    args = p.parse_args()
+
+    from glassforge.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        release = args.release or make_random_release(Path(tmp))
+        servers = [start(release, args.a), start(release, args.b)]
+        try:
+            states = [wait_ready(proc, base) for proc, base in servers]
+            prompt_ids = load_tokenizer(release).encode(PROMPT, add_special_tokens=False).ids
+            rates = asyncio.run(rounds([base for _, base in servers], prompt_ids, args.tokens, args.streams,
+                                       args.rounds))
+        finally:
+            for proc, _ in servers:
+                proc.terminate()
+                proc.wait(timeout=30)
+    ratios = sorted(a / b for a, b in zip(*rates))
+    what = "decode tokens/s, 1 stream" if args.streams == 1 else f"aggregate tokens/s, {args.streams} streams"
+    print(f"{what}; {args.rounds} rounds each; decode steps compiled: A {states[0]}, B {states[1]}")
+    print(f"A ({args.a or 'defaults'}): {median(rates[0]):.1f}")
+    print(f"B ({args.b or 'defaults'}): {median(rates[1]):.1f}")
+    print(f"A/B: {median(ratios):.2f}x (rounds {ratios[0]:.2f}x to {ratios[-1]:.2f}x)")
+    print("load average:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
