@@ -195,8 +195,9 @@ def test_max_context_caps_generation(random_model):
 TOLERANCE = {"f32": 1e-5, "bf16": 0.01, "int8": 0.03}
 
 
-def teacher_forced_logits(e: Engine, ids: list[int], step) -> torch.Tensor:
-    """Decode-step logits along ids (each position fed the true previous token), in slot 0 and 1 at once."""
+def teacher_forced_logits(e: Engine, ids: list[int], step, int8_rows: bool = False) -> torch.Tensor:
+    """Decode-step logits along ids (each position fed the true previous token), in slot 0 and 1 at once;
+    int8_rows: the step of large batches (int8 activations too)."""
     compile_settings()  # as on the engine thread: dynamo's settings and the step's thread count
     torch.set_num_threads(e.decode_threads)
     views = (list(e.cache.k.unbind(0)), list(e.cache.v.unbind(0)))
@@ -207,7 +208,7 @@ def teacher_forced_logits(e: Engine, ids: list[int], step) -> torch.Tensor:
         for p in range(2, len(ids)):  # the engine's decode steps start at position 1 (span 2)
             tok = torch.tensor([ids[p - 1], ids[p - 1]])
             pos = torch.tensor([p - 1, p - 1])
-            rows.append(step(tok, pos, *views, p)[0])
+            rows.append(step(tok, pos, *views, p, int8_rows)[0])
     return torch.stack(rows)
 
 
@@ -222,14 +223,18 @@ def engines(random_model):
         e.close()  # gives the process its thread count back
 
 
-@pytest.mark.parametrize("weights", DECODE_WEIGHTS)
-def test_decode_weights_stay_close_to_f32(engines, weights):
-    """bf16 and int8 decode matrices change logits by at most TOLERANCE of their scale; top-1 agrees
-    wherever the f32 margin between the two best tokens is larger than twice that."""
+WEIGHT_CASES = [(w, False) for w in DECODE_WEIGHTS] + [("int8", True)]  # (weights, int8 activations)
+
+
+@pytest.mark.parametrize("weights,int8_rows", WEIGHT_CASES)
+def test_decode_weights_stay_close_to_f32(engines, weights, int8_rows):
+    """bf16 and int8 decode matrices (and int8 activations in large batches) change logits by at most
+    TOLERANCE of their scale; top-1 agrees wherever the f32 margin between the two best tokens is larger
+    than twice that."""
     e = engines[weights]
     ids = e.encode("def dedent(text):\n    lines = text.splitlines()\n    return '\\n'.join(lines)\n")
     ref = teacher_forced_logits(engines["f32"], ids, engines["f32"].fast._decode)
-    got = teacher_forced_logits(e, ids, e.fast._decode)
+    got = teacher_forced_logits(e, ids, e.fast._decode, int8_rows)
     tol = TOLERANCE[weights] * ref.abs().max().item()
     assert (got - ref).abs().max().item() <= tol
     top2 = ref.topk(2, -1).values
@@ -238,17 +243,28 @@ def test_decode_weights_stay_close_to_f32(engines, weights):
     assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
-@pytest.mark.parametrize("weights", DECODE_WEIGHTS)
-def test_compiled_decode_matches_eager(engines, weights):
+@pytest.mark.parametrize("weights,int8_rows", WEIGHT_CASES)
+def test_compiled_decode_matches_eager(engines, weights, int8_rows):
     """The compiled step is the eager step's arithmetic: same greedy tokens, logits within float noise."""
     e = engines[weights]
     assert e.compile_state == "on", e.compile_state
     ids = e.encode("import json\n\n\ndef load(path):\n    with open(path) as f:\n        return json.load(f)\n")
-    eager = teacher_forced_logits(e, ids, e.fast._decode)
-    compiled = teacher_forced_logits(e, ids, e.fast.step)
+    eager = teacher_forced_logits(e, ids, e.fast._decode, int8_rows)
+    compiled = teacher_forced_logits(e, ids, e.fast.step, int8_rows)
     assert e.fast.step is not e.fast._decode and e.fast.compile_error is None
     assert (compiled - eager).abs().max().item() <= 1e-4 * eager.abs().max().item() + 1e-5
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
+
+
+def test_int8_activations_from_eight_rows(engines):
+    """Batches of 8 rows or more round activations to int8 as well, and that changes the arithmetic."""
+    fast = engines["int8"].fast
+    assert [fast.int8_rows(b) for b in (1, 7, 8, 32)] == [False, False, True, True]
+    assert not engines["bf16"].fast.int8_rows(32) and not engines["f32"].fast.int8_rows(32)
+    ids = engines["int8"].encode("import os\n")
+    weight_only = teacher_forced_logits(engines["int8"], ids, fast._decode)
+    both = teacher_forced_logits(engines["int8"], ids, fast._decode, int8_rows=True)
+    assert not torch.equal(weight_only, both)
 
 
 def test_default_engine_greedy_equals_its_eager_step(random_model):

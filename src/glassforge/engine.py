@@ -40,8 +40,8 @@ The forward passes do not go through `Llama.forward_cached` but through
 run on one intra-op thread by default: on two shared cores a second thread
 spent most of each small operation waiting to be scheduled. A decode step at
 small batch is bound by reading the weights and by per-operation overhead, so
-by default its matrices are int8 (weight-only, per-row scales; prefill keeps
-f32) and the step is compiled with torch.compile in a background thread while
+by default its matrices are int8 (per-row scales; activations int8 too from
+8 rows; prefill keeps f32) and the step is compiled with torch.compile in a background thread while
 the engine decodes eagerly; `GLASSFORGE_DECODE_WEIGHTS=f32|bf16|int8` and
 `GLASSFORGE_DECODE_COMPILE=0` change that (measurements and tolerances in
 docs/PERFORMANCE.md, "Serving").
@@ -71,6 +71,7 @@ from glassforge.model import KVCache, Llama, rope_tables
 
 
 PREFILL_PARALLEL_TOKENS = 128  # prompts at least this long are prefilled with every intra-op thread
+INT8_ROWS_FROM = 8  # int8 decode steps of at least this many rows use int8 activations too (FastPath._linear_int8_rows)
 PACKED_PREFILL_TOKENS = 2048  # prompts arriving together are prefilled in one forward up to this many tokens
 DEFAULT_DECODE_WEIGHTS = "int8"  # FastPath weights for decode steps; see docs/PERFORMANCE.md for the measurements
 
@@ -218,7 +219,10 @@ class FastPath:
     (half the bytes, AVX512-bf16 matmuls; activations, norms, the residual
     stream and the cache stay f32) or "int8" (a quarter: symmetric per-row
     int8 through `aten._weight_int8pack_mm`, activations rounded to bf16 for
-    the product). `compile()` returns the decode step through torch.compile
+    the product; from INT8_ROWS_FROM rows, where a step is no longer bound by
+    reading the weights, activations rounded to int8 per row and multiplied
+    by `torch._int_mm`). Prompts are packed: the prompts admitted together
+    share one forward. `compile()` returns the decode step through torch.compile
     (inductor), which fuses the small elementwise operations between matmuls.
     """
 
@@ -256,6 +260,11 @@ class FastPath:
         self.kv_dim = cfg.n_kv_heads * cfg.head_dim
         self.gqa = cfg.n_heads != cfg.n_kv_heads
         self.kv_heads = torch.arange(cfg.n_kv_heads)
+        # int8 weights: from INT8_ROWS_FROM rows on, activations are rounded to int8 as well, where
+        # torch._int_mm takes these shapes (it wants K above 16 and K, N multiples of 8)
+        self.int8_activations = weights == "int8" and all(
+            m.shape[1] > 16 and m.shape[0] % 8 == 0 and m.shape[1] % 8 == 0
+            for layer in self.layers for m in (layer[1], layer[2], layer[4], layer[5])) and self.head.shape[0] % 8 == 0
         self.step = self._decode  # replaced by the compiled step once it is ready
         self.compile_error: str | None = None  # why the compiled step was dropped, if it was
         self._views: tuple[int, list, list] | None = None
@@ -274,6 +283,19 @@ class FastPath:
         if self.weights == "int8":
             return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w[0], w[1]).float()
         return F.linear(x, w)
+
+    @staticmethod
+    def _linear_int8_rows(x: torch.Tensor, w) -> torch.Tensor:
+        """x @ w.T for an int8 matrix with x rounded to int8 too, one scale per row (f32 in, f32 out).
+
+        int8 x int8 products with int32 sums (`torch._int_mm`, AVX512-VNNI through oneDNN) beat the
+        weight-only kernel from about 8 rows: a batch-16 step 18% faster, at twice its logit error
+        (docs/PERFORMANCE.md); K stays far below the 133,000 where int32 sums of 127 x 127 could overflow.
+        """
+        q, scale = w
+        x_scale = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
+        rows = (x / x_scale).round().to(torch.int8)
+        return torch._int_mm(rows, q.t()).float() * x_scale * scale.float()
 
     def _norm(self, x, w):
         if x.dtype == torch.float32:  # one fused operation
@@ -340,17 +362,22 @@ class FastPath:
             # per-layer views made once: the compiled step takes them as plain inputs it writes in place
             self._views = (cache, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
         span = int(positions.max()) + 1
+        args = (tokens, positions, self._views[1], self._views[2], span, self.int8_rows(tokens.shape[0]))
         if self.step is self._decode:
-            return self._decode(tokens, positions, self._views[1], self._views[2], span)
+            return self._decode(*args)
         try:
-            return self.step(tokens, positions, self._views[1], self._views[2], span)
+            return self.step(*args)
         except Exception as e:  # noqa: BLE001 - a recompile that fails (limit, compiler) must not fail requests
             self.step = self._decode
             self.compile_error = _one_line(e)
-            return self._decode(tokens, positions, self._views[1], self._views[2], span)
+            return self._decode(*args)
+
+    def int8_rows(self, batch: int) -> bool:
+        """Whether a decode step of this many rows rounds its activations to int8 too (see `_linear`)."""
+        return self.int8_activations and batch >= INT8_ROWS_FROM
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, ks: list[torch.Tensor],
-                vs: list[torch.Tensor], span: int) -> torch.Tensor:
+                vs: list[torch.Tensor], span: int, int8_rows: bool = False) -> torch.Tensor:
         cfg, hd = self.cfg, self.cfg.head_dim
         S = tokens.shape[0]
         rows = torch.arange(S)[:, None]
@@ -361,7 +388,7 @@ class FastPath:
         if S > 1:
             mask = (torch.arange(span)[None, :] <= positions[:, None])[:, None, None, :]
         H, KV = cfg.n_heads, cfg.n_kv_heads
-        lin = self._linear
+        lin = self._linear_int8_rows if int8_rows else self._linear
         for i, (ln1, wqkv, wo, ln2, wgu, wdown) in enumerate(self.dec_layers):
             qkv = lin(self._norm(x, ln1), wqkv)
             qk = self._rope(qkv[:, :self.q_dim + self.kv_dim].view(S, H + KV, hd), cos, sin)
@@ -377,8 +404,8 @@ class FastPath:
     def compile(self, cache: KVCache, threads: int, stop: Callable[[], bool] = lambda: False):
         """The decode step through torch.compile, compiled and warmed up on a scratch cache of cache's shape.
 
-        Sizes are dynamic (one graph for every batch size and span >= 2, one for batch 1), so serving
-        does not recompile; a scratch cache because the real one is in use while this runs. The
+        Sizes are dynamic (one graph for batch 1, one for every other batch size and span, and with
+        int8 weights one for batches of INT8_ROWS_FROM rows or more), so serving does not recompile; a scratch cache because the real one is in use while this runs. The
         graphs are guarded on torch's intra-op thread count, so they are made with the count decode
         steps run with (`threads`); the caller must not change it while this runs. Returns None
         when stop() turns true between the two graphs (the engine closed meanwhile).
@@ -389,10 +416,13 @@ class FastPath:
         scratch = KVCache(self.cfg, cache.k.shape[1], cache.max_len, dtype=cache.k.dtype)
         ks, vs = list(scratch.k.unbind(0)), list(scratch.v.unbind(0))
         with torch.no_grad():  # as the engine thread runs it: inference-mode tensors would not match the guards
-            for S in (1, 2):
+            # the graphs serving uses: batch 1, other batches, and batches that round activations to int8
+            for S in sorted({1, 2, INT8_ROWS_FROM if self.int8_activations else 2}):
+                if S > scratch.k.shape[1]:
+                    break
                 if stop():
                     return None
-                step(torch.zeros(S, dtype=torch.long), torch.arange(1, S + 1), ks, vs, S + 1)
+                step(torch.zeros(S, dtype=torch.long), torch.arange(1, S + 1), ks, vs, S + 1, self.int8_rows(S))
         return step
 
 
