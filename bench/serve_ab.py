@@ -29,7 +29,7 @@ from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_throughput import PROMPT, free_port, make_random_release, stream_once  # noqa: E402
+from serve_throughput import BUSY, PROMPT, free_port, make_random_release, stream_once  # noqa: E402
 
 
 def start(release: Path, assignments: str) -> tuple[subprocess.Popen, str]:
@@ -52,8 +52,8 @@ def wait_ready(proc: subprocess.Popen, base: str) -> str:
     while time.time() < deadline and proc.poll() is None:
         try:
             r = httpx.get(f"{base}/health", timeout=1)
-            if r.status_code == 200 and r.json().get("decode_compile") != "compiling":
-                return r.json().get("decode_compile")
+            if r.status_code == 200 and not {r.json().get("decode_compile"), r.json().get("decode_aot")} & BUSY:
+                return f"{r.json().get('decode_compile')}, aot {r.json().get('decode_aot')}"
         except httpx.HTTPError:
             pass
         time.sleep(0.3)

@@ -54,6 +54,7 @@ REPEATS = 3  # single-stream rates are the median of this many runs (the shared 
 # int8 weight format (per-32-weight scales, so a little more precise than our per-row int8)
 GGUF_FOR_WEIGHTS = {"f32": "f32", "bf16": "bf16", "int8": "q8_0"}
 
+BUSY = {"compiling", "waiting"}  # /health states of a decode step still being made: measure after them
 PROMPT = "import json\n\n\ndef load_config(path):\n    \"\"\"Read a JSON configuration file.\"\"\"\n"
 
 
@@ -153,8 +154,8 @@ def bench_server(release: Path, prompt_ids: list[int], tokens: int, levels: list
         while True:  # up, and done compiling its decode step (the engine decodes eagerly until then)
             try:
                 r = httpx.get(f"{base}/health", timeout=1)
-                if r.status_code == 200 and r.json().get("decode_compile") != "compiling":
-                    compile_state = r.json().get("decode_compile")
+                if r.status_code == 200 and not {r.json().get("decode_compile"), r.json().get("decode_aot")} & BUSY:
+                    compile_state = f"{r.json().get('decode_compile')}, aot {r.json().get('decode_aot')}"
                     break
             except httpx.HTTPError:
                 pass

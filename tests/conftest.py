@@ -13,6 +13,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every engine a test makes would compile an ahead-of-time batch-1 step (15-40 s of CPU each) behind it;
+# the tests that exercise that step ask for it (Engine(decode_aot=True)).
+os.environ.setdefault("GLASSFORGE_DECODE_AOT", "0")
 
 
 def make_random_model_folder(folder: Path, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,

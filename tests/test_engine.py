@@ -285,6 +285,32 @@ def test_default_engine_greedy_equals_its_eager_step(random_model):
         eager.close()
 
 
+def test_ahead_of_time_batch_one_step_equals_the_compiled_step(random_model):
+    """The AOT step (batch 1) writes the cache and gives the logits of the compiled step; through the
+    engine, greedy tokens are those of an engine without it, with spans up to max_len - 1."""
+    aot = Engine(random_model, max_batch=2, max_context=64, decode_aot=True)
+    plain = Engine(random_model, max_batch=2, max_context=64, decode_aot=False)
+    try:
+        assert aot.wait_compiled(600) == "on" and plain.wait_compiled(600) == "on"
+        assert aot.aot_state == "on" and aot.fast.aot is not None, aot.aot_state
+        assert plain.aot_state == "off" and plain.fast.aot is None
+        ids = aot.encode(PROMPTS[0])
+        with torch.no_grad():
+            for e in (aot, plain):
+                e.fast.prefill(ids, e.cache, 0, False)
+            tok, pos = torch.tensor([ids[-1]]), torch.tensor([len(ids)])
+            got = aot.fast.decode(tok, pos, aot.cache)
+            want = plain.fast.decode(tok, pos, plain.cache)
+        assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item() + 1e-5
+        torch.testing.assert_close(aot.cache.k[:, 0, :, len(ids)], plain.cache.k[:, 0, :, len(ids)])
+        # to the end of the context: the last step's span is the whole cache, which goes through `step`
+        params = SamplingParams(max_tokens=64 - len(ids), temperature=0, ignore_eos=True, logprobs=0)
+        assert ids_of(aot.generate(ids, params)[0]) == ids_of(plain.generate(ids, params)[0])
+    finally:
+        aot.close()
+        plain.close()
+
+
 def test_compile_failure_keeps_the_eager_step(random_model, monkeypatch):
     def broken(self, cache, threads, stop):
         raise RuntimeError("no C++ compiler")

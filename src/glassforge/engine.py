@@ -42,8 +42,10 @@ spent most of each small operation waiting to be scheduled. A decode step at
 small batch is bound by reading the weights and by per-operation overhead, so
 by default its matrices are int8 (per-row scales; activations int8 too from
 8 rows; prefill keeps f32) and the step is compiled with torch.compile in a background thread while
-the engine decodes eagerly; `GLASSFORGE_DECODE_WEIGHTS=f32|bf16|int8` and
-`GLASSFORGE_DECODE_COMPILE=0` change that (measurements and tolerances in
+the engine decodes eagerly, then the batch-1 step once more ahead of time
+(torch.export and AOTInductor: one call into C++ per token);
+`GLASSFORGE_DECODE_WEIGHTS=f32|bf16|int8`, `GLASSFORGE_DECODE_COMPILE=0` and
+`GLASSFORGE_DECODE_AOT=0` change that (measurements and tolerances in
 docs/PERFORMANCE.md, "Serving").
 
 Results leave the engine as `Event`s through a callback the caller supplies
@@ -266,6 +268,8 @@ class FastPath:
             m.shape[1] > 16 and m.shape[0] % 8 == 0 and m.shape[1] % 8 == 0
             for layer in self.layers for m in (layer[1], layer[2], layer[4], layer[5])) and self.head.shape[0] % 8 == 0
         self.step = self._decode  # replaced by the compiled step once it is ready
+        self.aot: Callable | None = None  # the batch-1 step compiled ahead of time, once ready (compile_aot)
+        self._span_like = torch.empty(max_len, 0)  # its span travels as a size: a slice of this
         self.compile_error: str | None = None  # why the compiled step was dropped, if it was
         self._views: tuple[int, list, list] | None = None
 
@@ -362,6 +366,9 @@ class FastPath:
             # per-layer views made once: the compiled step takes them as plain inputs it writes in place
             self._views = (cache, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
         span = int(positions.max()) + 1
+        aot = self.aot
+        if aot is not None and tokens.shape[0] == 1 and span < self._span_like.shape[0]:
+            return aot(tokens, positions, self._span_like[:span], *self._views[1], *self._views[2])
         args = (tokens, positions, self._views[1], self._views[2], span, self.int8_rows(tokens.shape[0]))
         if self.step is self._decode:
             return self._decode(*args)
@@ -400,6 +407,42 @@ class FastPath:
             gate, up = lin(self._norm(x, ln2), wgu).chunk(2, dim=-1)
             x = x + lin(F.silu(gate) * up, wdown)
         return lin(self._norm(x, self.norm), self.dec_head)
+
+    def compile_aot(self, cache: KVCache, threads: int) -> Callable:
+        """The batch-1 decode step compiled ahead of time: torch.export, then AOTInductor to a shared library.
+
+        A torch.compile'd step pays, on every call, dynamo's frame hook and guards, the autograd
+        wrapper and inductor's Python wrapper, which calls the fused C++ kernels one by one: about
+        a third of a 0.6 ms batch-1 step here. The AOT step is one call into C++. It holds the GIL for
+        the whole step instead of handing it to the event loop between kernels, and in the server that
+        measured better too (one stream 1.64x, docs/PERFORMANCE.md). Batch 1 only: it is the
+        latency-bound case, and one more graph of the batch sizes would double the compile time.
+
+        The step's arguments are those of `_decode` with the span as the length of a slice of
+        `_span_like` (export takes sizes, not ints, as dynamic) and the caches' layers spread out;
+        the keys and values are written in place, as by the compiled step. Spans run from 2 to
+        max_len - 1: a span of the whole cache would be specialised, so that one step goes through
+        `step`. Compiling takes 15 to 40 s on the reference machine, in the engine's compile thread.
+        """
+        import tempfile
+
+        fast, n = self, self.cfg.n_layers
+
+        class BatchOneStep(torch.nn.Module):
+            def forward(self, tokens, positions, span_like, *layers):
+                return fast._decode(tokens, positions, list(layers[:n]), list(layers[n:]), span_like.shape[0])
+
+        torch.set_num_threads(threads)
+        scratch = KVCache(self.cfg, cache.k.shape[1], cache.max_len, dtype=cache.k.dtype)
+        args = (torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), self._span_like[:2],
+                *scratch.k.unbind(0), *scratch.v.unbind(0))
+        span = torch.export.Dim("span", min=2, max=cache.max_len - 1)
+        with torch.no_grad():
+            program = torch.export.export(BatchOneStep(), args,
+                                          dynamic_shapes=(None, None, {0: span}, (None,) * (2 * n)))
+            with tempfile.TemporaryDirectory(prefix="glassforge-aot-") as tmp:
+                package = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2")
+                return torch._inductor.aoti_load_package(package)  # loads the library: the folder may go
 
     def compile(self, cache: KVCache, threads: int, stop: Callable[[], bool] = lambda: False):
         """The decode step through torch.compile, compiled and warmed up on a scratch cache of cache's shape.
@@ -480,7 +523,7 @@ class Engine:
     def __init__(self, folder: Path | str, max_batch: int = 16, max_context: int | None = None,
                  max_queue: int | None = None, dtype: torch.dtype = torch.float32,
                  decode_threads: int | None = None, decode_weights: str | None = None,
-                 compile_decode: bool | None = None):
+                 compile_decode: bool | None = None, decode_aot: bool | None = None):
         from glassforge.generate import resolve_release
         from glassforge.tokenizer import END, ENDOFTEXT, chat_template_of, load_tokenizer
 
@@ -513,6 +556,10 @@ class Engine:
         if compile_decode is None:
             compile_decode = os.environ.get("GLASSFORGE_DECODE_COMPILE", "1").strip().lower() not in ("0", "off", "")
         self.compile_state = "off"  # off | compiling | on | failed: <why>
+        # GLASSFORGE_DECODE_AOT=0: no ahead-of-time batch-1 step (FastPath.compile_aot) after the compile
+        if decode_aot is None:
+            decode_aot = os.environ.get("GLASSFORGE_DECODE_AOT", "1").strip().lower() not in ("0", "off", "")
+        self.aot_state = "waiting" if compile_decode and decode_aot and max_context > 2 else "off"
         self._compiler: threading.Thread | None = None
         if compile_decode:
             self.compile_state = "compiling"
@@ -564,12 +611,27 @@ class Engine:
             return
         if step is None or self._closed:
             self.compile_state = "off"
+            self.aot_state = "off"
+            return
+        self.fast.step = step  # picked up by the next decode step (one attribute store: atomic)
+        self.compile_state = "on"
+        if self.aot_state != "waiting":
+            return
+        self.aot_state = "compiling"
+        try:
+            aot = self.fast.compile_aot(self.cache, self.decode_threads)
+        except Exception as e:  # noqa: BLE001 - any failure keeps the compiled step
+            self.aot_state = f"failed: {_one_line(e)}"
+            return
+        if self._closed:
+            self.aot_state = "off"
         else:
-            self.fast.step = step  # picked up by the next decode step (one attribute store: atomic)
-            self.compile_state = "on"
+            self.fast.aot = aot  # batch-1 steps take it from the next one on
+            self.aot_state = "on"
 
     def wait_compiled(self, timeout: float | None = None) -> str:
-        """Block until the background compile has finished (or timeout); returns `compile_state`."""
+        """Block until the background compile (and the ahead-of-time batch-1 step after it) has finished
+        or timeout; returns `compile_state`."""
         if self._compiler is not None:
             self._compiler.join(timeout)
         return self.compile_state
