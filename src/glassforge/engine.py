@@ -425,7 +425,12 @@ class FastPath:
         `step`. Compiling takes 15 to 40 s on the reference machine, in the engine's compile thread.
         """
         import tempfile
+        import warnings
 
+        # torch.export's own use of a deprecated pytree check warns on every export (torch 2.13); it is
+        # not the user's to act on, and would land in the server's terminal
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
         fast, n = self, self.cfg.n_layers
 
         class BatchOneStep(torch.nn.Module):
