@@ -370,6 +370,9 @@ def main() -> int:
     if "llamacpp_single_decode_tps" in res:
         res["ratio_single_vs_llamacpp"] = single / res["llamacpp_single_decode_tps"]
         print(f"server 1 stream / llama.cpp:        {res['ratio_single_vs_llamacpp']:.2f}x  (target >= 1)")
+        # like for like: llama-cpp-python runs in process, without an HTTP stream or a client beside it
+        res["ratio_engine_vs_llamacpp"] = res["engine_single_decode_tps"] / res["llamacpp_single_decode_tps"]
+        print(f"engine in-process / llama.cpp:      {res['ratio_engine_vs_llamacpp']:.2f}x  (both in process)")
     if "aggregate_tps_16" in res:
         res["ratio_aggregate16_vs_single"] = res["aggregate_tps_16"] / single
         print(f"server 16 streams / 1 stream:       {res['ratio_aggregate16_vs_single']:.2f}x  (target >= 6)")
