@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from glassforge.engine import (DECODE_WEIGHTS, ContextTooLong, Engine, FastPath, QueueFull, SamplingParams,
-                               compile_settings)
+from glassforge.engine import (AOT_GRAPHS, DECODE_WEIGHTS, ContextTooLong, Engine, FastPath, QueueFull,
+                               SamplingParams, compile_settings)
 
 
 @pytest.fixture(scope="module")
@@ -285,15 +285,16 @@ def test_default_engine_greedy_equals_its_eager_step(random_model):
         eager.close()
 
 
-def test_ahead_of_time_batch_one_step_equals_the_compiled_step(random_model):
-    """The AOT step (batch 1) writes the cache and gives the logits of the compiled step; through the
-    engine, greedy tokens are those of an engine without it, with spans up to max_len - 1."""
-    aot = Engine(random_model, max_batch=2, max_context=64, decode_aot=True)
-    plain = Engine(random_model, max_batch=2, max_context=64, decode_aot=False)
+def test_ahead_of_time_steps_equal_the_compiled_steps(random_model):
+    """The AOT graphs (batch 1, other batches, int8 rows from 8) write the cache and give the compiled
+    step's logits; through the engine, greedy tokens are those of an engine without them, up to the
+    end of the context."""
+    aot = Engine(random_model, max_batch=8, max_context=64, decode_aot=True)
+    plain = Engine(random_model, max_batch=8, max_context=64, decode_aot=False)
     try:
-        assert aot.wait_compiled(600) == "on" and plain.wait_compiled(600) == "on"
-        assert aot.aot_state == "on" and aot.fast.aot is not None, aot.aot_state
-        assert plain.aot_state == "off" and plain.fast.aot is None
+        assert aot.wait_compiled(900) == "on" and plain.wait_compiled(600) == "on"
+        assert aot.aot_state == "on" and set(aot.fast.aot) == set(AOT_GRAPHS), aot.aot_state
+        assert plain.aot_state == "off" and not plain.fast.aot
         ids = aot.encode(PROMPTS[0])
         with torch.no_grad():
             for e in (aot, plain):
@@ -303,9 +304,10 @@ def test_ahead_of_time_batch_one_step_equals_the_compiled_step(random_model):
             want = plain.fast.decode(tok, pos, plain.cache)
         assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item() + 1e-5
         torch.testing.assert_close(aot.cache.k[:, 0, :, len(ids)], plain.cache.k[:, 0, :, len(ids)])
-        # to the end of the context: the last step's span is the whole cache, which goes through `step`
         params = SamplingParams(max_tokens=64 - len(ids), temperature=0, ignore_eos=True, logprobs=0)
-        assert ids_of(aot.generate(ids, params)[0]) == ids_of(plain.generate(ids, params)[0])
+        for n in (1, 2, 8):  # one graph each
+            assert [ids_of(ev) for ev in aot.generate(ids, params, n=n)] == \
+                [ids_of(ev) for ev in plain.generate(ids, params, n=n)]
     finally:
         aot.close()
         plain.close()

@@ -42,8 +42,8 @@ spent most of each small operation waiting to be scheduled. A decode step at
 small batch is bound by reading the weights and by per-operation overhead, so
 by default its matrices are int8 (per-row scales; activations int8 too from
 8 rows; prefill keeps f32) and the step is compiled with torch.compile in a background thread while
-the engine decodes eagerly, then the batch-1 step once more ahead of time
-(torch.export and AOTInductor: one call into C++ per token);
+the engine decodes eagerly, then once more ahead of time (torch.export and
+AOTInductor: one call into C++ per step; batch 1 first);
 `GLASSFORGE_DECODE_WEIGHTS=f32|bf16|int8`, `GLASSFORGE_DECODE_COMPILE=0` and
 `GLASSFORGE_DECODE_AOT=0` change that (measurements and tolerances in
 docs/PERFORMANCE.md, "Serving").
@@ -73,6 +73,7 @@ from glassforge.model import KVCache, Llama, rope_tables
 
 
 PREFILL_PARALLEL_TOKENS = 128  # prompts at least this long are prefilled with every intra-op thread
+AOT_GRAPHS = ("batch 1", "batches", "int8 rows")  # compiled ahead of time in this order (batch 1 matters most)
 INT8_ROWS_FROM = 8  # int8 decode steps of at least this many rows use int8 activations too (FastPath._linear_int8_rows)
 PACKED_PREFILL_TOKENS = 2048  # prompts arriving together are prefilled in one forward up to this many tokens
 DEFAULT_DECODE_WEIGHTS = "int8"  # FastPath weights for decode steps; see docs/PERFORMANCE.md for the measurements
@@ -268,8 +269,9 @@ class FastPath:
             m.shape[1] > 16 and m.shape[0] % 8 == 0 and m.shape[1] % 8 == 0
             for layer in self.layers for m in (layer[1], layer[2], layer[4], layer[5])) and self.head.shape[0] % 8 == 0
         self.step = self._decode  # replaced by the compiled step once it is ready
-        self.aot: Callable | None = None  # the batch-1 step compiled ahead of time, once ready (compile_aot)
-        self._span_like = torch.empty(max_len, 0)  # its span travels as a size: a slice of this
+        # decode steps compiled ahead of time (compile_aot), by AOT_GRAPHS name, each used once ready
+        self.aot: dict[str, Callable] = {}
+        self._span_like = torch.empty(max_len + 1, 0)  # their span travels as a size: a slice of this
         self.compile_error: str | None = None  # why the compiled step was dropped, if it was
         self._views: tuple[int, list, list] | None = None
 
@@ -366,10 +368,11 @@ class FastPath:
             # per-layer views made once: the compiled step takes them as plain inputs it writes in place
             self._views = (cache, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
         span = int(positions.max()) + 1
-        aot = self.aot
-        if aot is not None and tokens.shape[0] == 1 and span < self._span_like.shape[0]:
+        S = tokens.shape[0]
+        aot = self.aot.get(self.aot_graph(S))
+        if aot is not None and S < cache.k.shape[1] and span < cache.max_len:  # within the graphs' ranges
             return aot(tokens, positions, self._span_like[:span], *self._views[1], *self._views[2])
-        args = (tokens, positions, self._views[1], self._views[2], span, self.int8_rows(tokens.shape[0]))
+        args = (tokens, positions, self._views[1], self._views[2], span, self.int8_rows(S))
         if self.step is self._decode:
             return self._decode(*args)
         try:
@@ -378,6 +381,10 @@ class FastPath:
             self.step = self._decode
             self.compile_error = _one_line(e)
             return self._decode(*args)
+
+    def aot_graph(self, batch: int) -> str:
+        """Which ahead-of-time graph (AOT_GRAPHS) runs a decode step of this many rows."""
+        return "batch 1" if batch == 1 else "int8 rows" if self.int8_rows(batch) else "batches"
 
     def int8_rows(self, batch: int) -> bool:
         """Whether a decode step of this many rows rounds its activations to int8 too (see `_linear`)."""
@@ -408,21 +415,21 @@ class FastPath:
             x = x + lin(F.silu(gate) * up, wdown)
         return lin(self._norm(x, self.norm), self.dec_head)
 
-    def compile_aot(self, cache: KVCache, threads: int) -> Callable:
-        """The batch-1 decode step compiled ahead of time: torch.export, then AOTInductor to a shared library.
+    def compile_aot(self, cache: KVCache, threads: int, graph: str) -> Callable:
+        """One decode graph (AOT_GRAPHS) compiled ahead of time: torch.export, then AOTInductor to C++.
 
         A torch.compile'd step pays, on every call, dynamo's frame hook and guards, the autograd
         wrapper and inductor's Python wrapper, which calls the fused C++ kernels one by one: about
-        a third of a 0.6 ms batch-1 step here. The AOT step is one call into C++. It holds the GIL for
-        the whole step instead of handing it to the event loop between kernels, and in the server that
-        measured better too (one stream 1.64x, docs/PERFORMANCE.md). Batch 1 only: it is the
-        latency-bound case, and one more graph of the batch sizes would double the compile time.
+        a third of a 0.6 ms batch-1 step here. An AOT step is one call into C++. It also holds the GIL
+        for the whole step instead of handing it to the event loop between kernels, and in the
+        server that measured better still (docs/PERFORMANCE.md: one stream 1.65x, 16 streams 1.25x).
 
         The step's arguments are those of `_decode` with the span as the length of a slice of
         `_span_like` (export takes sizes, not ints, as dynamic) and the caches' layers spread out;
-        the keys and values are written in place, as by the compiled step. Spans run from 2 to
-        max_len - 1: a span of the whole cache would be specialised, so that one step goes through
-        `step`. Compiling takes 15 to 40 s on the reference machine, in the engine's compile thread.
+        keys and values are written in place, as by the compiled step. Rows and spans are dynamic up
+        to one less than the cache's slots and length (a size equal to the whole dimension would be
+        specialised), which is why the engine's cache has one slot and one position to spare.
+        Compiling takes 15 to 40 s per graph on the reference machine, in the engine's compile thread.
         """
         import tempfile
         import warnings
@@ -431,20 +438,24 @@ class FastPath:
         # not the user's to act on, and would land in the server's terminal
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                 category=FutureWarning)
-        fast, n = self, self.cfg.n_layers
+        fast, n, int8_rows = self, self.cfg.n_layers, graph == "int8 rows"
+        lo = {"batch 1": 1, "batches": 2, "int8 rows": INT8_ROWS_FROM}[graph]
+        hi = 1 if graph == "batch 1" else cache.k.shape[1] - 1
 
-        class BatchOneStep(torch.nn.Module):
+        class DecodeStep(torch.nn.Module):
             def forward(self, tokens, positions, span_like, *layers):
-                return fast._decode(tokens, positions, list(layers[:n]), list(layers[n:]), span_like.shape[0])
+                return fast._decode(tokens, positions, list(layers[:n]), list(layers[n:]), span_like.shape[0],
+                                    int8_rows)
 
         torch.set_num_threads(threads)
         scratch = KVCache(self.cfg, cache.k.shape[1], cache.max_len, dtype=cache.k.dtype)
-        args = (torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), self._span_like[:2],
+        args = (torch.zeros(lo, dtype=torch.long), torch.ones(lo, dtype=torch.long), self._span_like[:2],
                 *scratch.k.unbind(0), *scratch.v.unbind(0))
         span = torch.export.Dim("span", min=2, max=cache.max_len - 1)
+        rows = None if lo == hi else {0: torch.export.Dim("rows", min=lo, max=hi)}
         with torch.no_grad():
-            program = torch.export.export(BatchOneStep(), args,
-                                          dynamic_shapes=(None, None, {0: span}, (None,) * (2 * n)))
+            program = torch.export.export(DecodeStep(), args,
+                                          dynamic_shapes=(rows, rows, {0: span}, (None,) * (2 * n)))
             with tempfile.TemporaryDirectory(prefix="glassforge-aot-") as tmp:
                 package = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2")
                 return torch._inductor.aoti_load_package(package)  # loads the library: the folder may go
@@ -551,8 +562,10 @@ class Engine:
         self.max_context = max_context
         self.max_batch = max_batch
         self.max_queue = max_queue if max_queue is not None else max(64, 8 * max_batch)
-        # at least 2 slots: a dimension of size 1 would be specialised by the compiled step (and recompile)
-        self.cache = KVCache(self.cfg, max(max_batch, 2), max_context, dtype=dtype)
+        # at least 2 slots (a dimension of size 1 would be specialised by the compiled step, and recompile),
+        # and one slot and one position more than are used: the ahead-of-time graphs cover sizes below
+        # the cache's (FastPath.compile_aot)
+        self.cache = KVCache(self.cfg, max(max_batch, 2) + 1, max_context + 1, dtype=dtype)
         # GLASSFORGE_DECODE_WEIGHTS: f32, bf16 or int8 matrices for decode steps (FastPath; the measured
         # choice is DEFAULT_DECODE_WEIGHTS, docs/PERFORMANCE.md); prefill always uses f32.
         weights = decode_weights or os.environ.get("GLASSFORGE_DECODE_WEIGHTS", "").strip().lower() or (
@@ -623,16 +636,21 @@ class Engine:
         if self.aot_state != "waiting":
             return
         self.aot_state = "compiling"
-        try:
-            aot = self.fast.compile_aot(self.cache, self.decode_threads)
-        except Exception as e:  # noqa: BLE001 - any failure keeps the compiled step
-            self.aot_state = f"failed: {_one_line(e)}"
-            return
-        if self._closed:
-            self.aot_state = "off"
-        else:
-            self.fast.aot = aot  # batch-1 steps take it from the next one on
-            self.aot_state = "on"
+        slots = self.cache.k.shape[1]
+        for graph in AOT_GRAPHS:
+            if (graph == "int8 rows" and not (self.fast.int8_activations and INT8_ROWS_FROM < slots)
+                    or graph == "batches" and slots < 3):
+                continue  # no batch of that size ever runs
+            try:
+                aot = self.fast.compile_aot(self.cache, self.decode_threads, graph)
+            except Exception as e:  # noqa: BLE001 - any failure keeps the compiled step for those batches
+                self.aot_state = f"failed: {graph}: {_one_line(e)}"
+                return
+            if self._closed:
+                self.aot_state = "off"
+                return
+            self.fast.aot[graph] = aot  # steps of those sizes take it from the next one on (a dict store)
+        self.aot_state = "on"
 
     def wait_compiled(self, timeout: float | None = None) -> str:
         """Block until the background compile (and the ahead-of-time batch-1 step after it) has finished
