@@ -464,10 +464,11 @@ class FastPath:
         """The decode step through torch.compile, compiled and warmed up on a scratch cache of cache's shape.
 
         Sizes are dynamic (one graph for batch 1, one for every other batch size and span, and with
-        int8 weights one for batches of INT8_ROWS_FROM rows or more), so serving does not recompile; a scratch cache because the real one is in use while this runs. The
-        graphs are guarded on torch's intra-op thread count, so they are made with the count decode
-        steps run with (`threads`); the caller must not change it while this runs. Returns None
-        when stop() turns true between the two graphs (the engine closed meanwhile).
+        int8 weights one for batches of INT8_ROWS_FROM rows or more), so serving does not recompile;
+        a scratch cache because the real one is in use while this runs. The graphs are guarded on
+        torch's intra-op thread count, so they are made with the count decode steps run with
+        (`threads`); the caller must not change it while this runs. Returns None when stop() turns
+        true between the graphs (the engine closed meanwhile).
         """
         compile_settings()
         torch.set_num_threads(threads)
