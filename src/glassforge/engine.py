@@ -422,7 +422,7 @@ class FastPath:
         wrapper and inductor's Python wrapper, which calls the fused C++ kernels one by one: about
         a third of a 0.6 ms batch-1 step here. An AOT step is one call into C++. It also holds the GIL
         for the whole step instead of handing it to the event loop between kernels, and in the
-        server that measured better still (docs/PERFORMANCE.md: one stream 1.65x, 16 streams 1.25x).
+        server that measured better still (docs/PERFORMANCE.md: one stream 1.65x, 4 streams 1.31x).
 
         The step's arguments are those of `_decode` with the span as the length of a slice of
         `_span_like` (export takes sizes, not ints, as dynamic) and the caches' layers spread out;
