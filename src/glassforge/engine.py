@@ -294,9 +294,10 @@ class FastPath:
     def _linear_int8_rows(x: torch.Tensor, w) -> torch.Tensor:
         """x @ w.T for an int8 matrix with x rounded to int8 too, one scale per row (f32 in, f32 out).
 
-        int8 x int8 products with int32 sums (`torch._int_mm`, AVX512-VNNI through oneDNN) beat the
-        weight-only kernel from about 8 rows: a batch-16 step 18% faster, at twice its logit error
-        (docs/PERFORMANCE.md); K stays far below the 133,000 where int32 sums of 127 x 127 could overflow.
+        int8 x int8 products with int32 sums (`torch._int_mm`) beat the weight-only kernel from
+        about 8 rows (bench/decode_kernels.py: 3.5x its speed at 16 rows); a batch-16 step is 18%
+        faster, at twice the logit error (docs/PERFORMANCE.md). K stays far below the 133,000 where
+        int32 sums of 127 x 127 could overflow.
         """
         q, scale = w
         x_scale = x.abs().amax(1, keepdim=True).clamp(min=1e-12) / 127
