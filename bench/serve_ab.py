@@ -11,9 +11,9 @@ concurrent ones (the aggregate rate, all tokens over the wall time). Prints
 each side's median and the median of the per-round ratios A/B with their range.
 
 On a shared 2-core machine single runs of `serve_throughput.py` move by 30%
-between runs; a change smaller than that is only visible this way. Python
-packages (uvloop, httptools) cannot be switched by environment: compare those
-by installing and removing them between runs of `serve_throughput.py`.
+between runs; a change smaller than that is only visible this way. To compare
+code, check the other version out beside this one (`git worktree add DIR REV`)
+and give B "PYTHONPATH=DIR/src": its server then imports that glassforge.
 """
 
 from __future__ import annotations
