@@ -14,7 +14,7 @@ Measured, all greedy with end-of-text ignored so every stream makes exactly
 
 - glassforge server: `glassforge serve` in a subprocess (--max-batch 32),
   driven over loopback by streaming /v1/completions clients, once its decode
-  step has compiled (`/health` says so). Single-stream decode rate =
+  steps have compiled, ahead of time too (`/health` says so). Single-stream decode rate =
   (tokens - 1) / (time of last token - time of first token), which leaves out
   the prompt's prefill. Aggregate rate at N concurrent streams = all tokens /
   wall time of the N requests.

@@ -583,8 +583,8 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
 
     @app.get("/health")
     async def health() -> dict:
-        # decode_compile: whether decode steps already run compiled; decode_aot: the same for the batch-1
-        # step compiled ahead of time after it (benchmarks wait for both to leave "waiting"/"compiling")
+        # decode_compile: whether decode steps already run compiled; decode_aot: the same for the steps
+        # compiled ahead of time after them (benchmarks wait for both to leave "waiting"/"compiling")
         return {"status": "ok", "decode_compile": engine.compile_state, "decode_aot": engine.aot_state}
 
     @app.get("/metrics", response_class=PlainTextResponse)
