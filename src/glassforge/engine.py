@@ -77,6 +77,9 @@ AOT_GRAPHS = ("batch 1", "batches", "int8 rows")  # compiled ahead of time in th
 INT8_ROWS_FROM = 8  # int8 decode steps of at least this many rows use int8 activations too (FastPath._linear_int8_rows)
 PACKED_PREFILL_TOKENS = 2048  # prompts arriving together are prefilled in one forward up to this many tokens
 DEFAULT_DECODE_WEIGHTS = "int8"  # FastPath weights for decode steps; see docs/PERFORMANCE.md for the measurements
+# torch.compile and torch.export are not safe to run in two threads at once (two engines compiling together
+# failed one time in two with "RuntimeError when making fake tensor call"), so engines in a process take turns
+COMPILE_LOCK = threading.Lock()
 
 
 class QueueFull(Exception):
@@ -625,7 +628,8 @@ class Engine:
         the eager step, with the reason in `compile_state`.
         """
         try:
-            step = self.fast.compile(self.cache, self.decode_threads, lambda: self._closed)
+            with COMPILE_LOCK:
+                step = self.fast.compile(self.cache, self.decode_threads, lambda: self._closed)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: keep the eager step
             self.compile_state = f"failed: {_one_line(e)}"
             return
@@ -644,7 +648,8 @@ class Engine:
                     or graph == "batches" and slots < 3):
                 continue  # no batch of that size ever runs
             try:
-                aot = self.fast.compile_aot(self.cache, self.decode_threads, graph)
+                with COMPILE_LOCK:
+                    aot = self.fast.compile_aot(self.cache, self.decode_threads, graph)
             except Exception as e:  # noqa: BLE001 - any failure keeps the compiled step for those batches
                 self.aot_state = f"failed: {graph}: {_one_line(e)}"
                 return
