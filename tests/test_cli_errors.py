@@ -1,5 +1,6 @@
 """Bad input: one line naming the problem, exit code 2, nothing half-written."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,14 @@ def test_run_folder_without_a_model(tmp_path):
     assert_one_line_error(glassforge("serve", str(empty)), "holds no model")
     assert_one_line_error(glassforge("release", str(empty)), "not a run folder")
     assert list(empty.iterdir()) == []
+
+
+def test_bad_stream_interval(tmp_path):
+    assert_one_line_error(glassforge("serve", str(tmp_path), "--stream-interval-ms", "-5"),
+                          "--stream-interval-ms -5", "0..1000")
+    env_bad = subprocess.run([sys.executable, "-m", "glassforge", "serve", str(tmp_path)], capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "GLASSFORGE_STREAM_INTERVAL_MS": "soon"})
+    assert_one_line_error(env_bad, "GLASSFORGE_STREAM_INTERVAL_MS='soon'", "milliseconds")
 
 
 def test_missing_folder(tmp_path):

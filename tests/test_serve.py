@@ -408,6 +408,31 @@ def test_merge_pending_folds_one_choices_waiting_events_up_to_its_finish():
     assert merge_pending(q.get_nowait(), q).text == "other" and q.qsize() == 1
 
 
+def test_stream_interval_sends_the_first_and_last_tokens_at_once_and_folds_the_rest(live):
+    """With a long interval, a stream's first token comes alone and the tokens after it arrive together."""
+    from glassforge.serve import create_app
+
+    srv = LiveServer(create_app(live.engine, stream_interval_ms=1000))
+    try:
+        body = {"prompt": "import", "max_tokens": 24, "ignore_eos": True, "temperature": 0, "logprobs": 0}
+        counts, text = [], ""
+        start = time.monotonic()
+        with httpx.stream("POST", f"{srv.base}/completions", json={**body, "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["text"]
+                    if choice["logprobs"] and choice["logprobs"]["tokens"]:
+                        counts.append(len(choice["logprobs"]["tokens"]))
+        elapsed = time.monotonic() - start
+        assert sum(counts) == 24 and counts[0] == 1
+        # the first token, then one chunk per second at most, then the last event's
+        assert len(counts) <= 2 + int(elapsed) + 1, (counts, elapsed)
+        assert text == httpx.post(f"{srv.base}/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    finally:
+        srv.stop()
+
+
 def test_concurrent_streams_load(live):
     """32 concurrent streaming clients x 20 requests: no errors, and nothing left running or queued."""
     n_clients, per_client = 32, 20

@@ -21,7 +21,10 @@ Choices that clients depend on:
   `choices: []` when `stream_options.include_usage` is set (and `usage: null`
   on every other chunk then), then `data: [DONE]`. All chunks share one `id`
   and `created`. An error after the stream started is a `data: {"error": ...}`
-  event.
+  event. A stream's first and last chunks go out at once, and those between
+  at most every `--stream-interval-ms` (10 ms), several tokens to a chunk when
+  the engine is faster: waking the event loop for every token cost a third of
+  one stream's speed, the engine thread waiting on the GIL meanwhile.
 - A client that disconnects cancels its sequences, so its cache slot is free
   before the next decode step. A full queue is a 429 with `Retry-After`; a
   prompt plus `max_tokens` beyond the context is a 400 `context_length_exceeded`.
@@ -43,6 +46,8 @@ import base64
 import collections
 import hmac
 import json
+import math
+import os
 import secrets
 import sys
 import threading
@@ -61,6 +66,9 @@ from glassforge.errors import UserError
 from glassforge.web import is_public_path
 
 MAX_BODY_BYTES = 8 << 20
+# a stream's events reach the event loop at most this often (its first and last at once): below what a
+# reader can see, and each wake-up of the loop costs the engine thread its GIL time (docs/PERFORMANCE.md)
+STREAM_INTERVAL_MS = 10.0
 MAX_SEQUENCES_PER_REQUEST = 64
 
 
@@ -358,9 +366,10 @@ def _sse(obj: Any) -> str:
 class Server:
     """State shared by the routes: the engine, its name, the tracer."""
 
-    def __init__(self, engine: Engine, model_name: str):
+    def __init__(self, engine: Engine, model_name: str, stream_interval: float = 0.0):
         self.engine = engine
         self.model_name = model_name
+        self.stream_interval = stream_interval  # seconds: streamed events reach the event loop at most this often
         self.created = int(time.time())
         self._tracer = None
         self._tracer_lock = threading.Lock()
@@ -417,9 +426,14 @@ class Server:
         q: asyncio.Queue = asyncio.Queue()
         # One wake-up of the event loop per batch of events, not per event: while the loop has not yet
         # run `deliver`, the engine thread only appends (no self-pipe write, no extra loop turn), and
-        # the stream then folds what arrived into one chunk (merge_pending).
+        # the stream then folds what arrived into one chunk (merge_pending). And at most one wake-up per
+        # stream_interval, but for a request's first and last events: each wake-up holds the GIL for a
+        # while, which the engine thread waits out between its steps (docs/PERFORMANCE.md). Events held
+        # back go with the next one, which always comes: every running sequence makes one per step.
         arrived: collections.deque = collections.deque()
         scheduled = [False]
+        last_wake = [-math.inf]
+        interval = self.stream_interval
 
         def deliver() -> None:
             scheduled[0] = False  # before draining: an event appended from now on schedules a new call
@@ -429,8 +443,11 @@ class Server:
         def sink(ev: Event) -> None:
             arrived.append(ev)
             if not scheduled[0]:
-                scheduled[0] = True
-                loop.call_soon_threadsafe(deliver)
+                now = time.monotonic()
+                if now - last_wake[0] >= interval or ev.finish_reason or ev.error:
+                    scheduled[0] = True
+                    last_wake[0] = now
+                    loop.call_soon_threadsafe(deliver)
 
         try:
             seqs = self.engine.submit(requests, sink)
@@ -532,8 +549,22 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict:
 
 # --- the app -------------------------------------------------------------------------------
 
+def stream_interval_seconds(ms: float | None) -> float:
+    """The stream interval in seconds from --stream-interval-ms, else $GLASSFORGE_STREAM_INTERVAL_MS, else
+    STREAM_INTERVAL_MS."""
+    if ms is None:
+        text = os.environ.get("GLASSFORGE_STREAM_INTERVAL_MS", "").strip()
+        try:
+            ms = float(text) if text else STREAM_INTERVAL_MS
+        except ValueError:
+            raise UserError(f"GLASSFORGE_STREAM_INTERVAL_MS={text!r}: not a number of milliseconds") from None
+    if not 0 <= ms <= 1000:
+        raise UserError(f"--stream-interval-ms {ms:g}: must be 0..1000")
+    return ms / 1000
+
+
 def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None,
-               max_body: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body: int = MAX_BODY_BYTES, stream_interval_ms: float | None = None) -> FastAPI:
     """The FastAPI app over a running engine (the caller owns the engine's lifetime)."""
     from glassforge import __version__
 
@@ -542,7 +573,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
         model_name = folder.parent.name if folder.name == "release" else folder.name
     app = FastAPI(title="glassforge", version=__version__,
                   description="OpenAI-compatible API over a glassforge release.")
-    server = Server(engine, model_name)
+    server = Server(engine, model_name, stream_interval_seconds(stream_interval_ms))
     metrics = Metrics()
     app.state.server = server
     app.state.metrics = metrics
@@ -984,12 +1015,14 @@ def banner_text(host: str, port: int, model: str, api_key: str | None) -> str:
 
 def serve(run: Path | str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_context: int | None = None, banner: bool = False,
-          max_queue: int | None = None, decode_weights: str | None = None) -> None:
+          max_queue: int | None = None, decode_weights: str | None = None,
+          stream_interval_ms: float | None = None) -> None:
     """Load the release and serve the API until interrupted."""
     import uvicorn
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: must be 0..65535")
+    stream_interval_ms = stream_interval_seconds(stream_interval_ms) * 1000  # a bad value fails before loading
     import socket
 
     try:  # fail before loading the model if the address is taken
@@ -1001,7 +1034,7 @@ def serve(run: Path | str, host: str = "127.0.0.1", port: int = 8000, api_key: s
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     engine = Engine(run, max_batch=max_batch, max_context=max_context, max_queue=max_queue,
                     decode_weights=decode_weights)
-    app = create_app(engine, api_key=api_key)
+    app = create_app(engine, api_key=api_key, stream_interval_ms=stream_interval_ms)
     model = app.state.server.model_name
     from glassforge.web import mount
 
