@@ -2,7 +2,8 @@
 
     flock /tmp/gf-cpu.lock .venv/bin/python bench/serve_throughput.py [RELEASE] [--tokens 128]
         [--concurrency 1,4,16,32] [--decode-weights f32|bf16|int8] [--gguf FILE | --gguf-dtype D]
-        [--no-hf] [--no-llamacpp] [--decode-threads N|auto] [--probe-threads]
+        [--no-hf] [--no-llamacpp] [--no-peer-servers] [--llama-server PATH]
+        [--decode-threads N|auto] [--probe-threads]
 
 RELEASE is a run folder or release/ folder; without one, a random-weight model
 with the `default` recipe's shape (d_model 256, 4 layers, 8 heads, 4 KV heads,
@@ -25,6 +26,15 @@ Measured, all greedy with end-of-text ignored so every stream makes exactly
   `glassforge.export.export_gguf` at the precision of our decode weights
   (int8 -> Q8_0, bf16 -> BF16, f32 -> F32; --gguf-dtype overrides); skipped
   with a message when llama_cpp or the export is unavailable.
+- llama.cpp behind HTTP, on the same GGUF, driven by the same kind of
+  streaming client as our server, so that the server is also compared like
+  for like: llama-cpp-python's OpenAI-compatible server (`python -m
+  llama_cpp.server`; pip install -c constraints.txt 'llama-cpp-python[server]')
+  at 1 stream and 16 (it serves one request at a time), and llama.cpp's own C++
+  `llama-server` (bash bench/build_llama_server.sh) at 1 stream and every
+  --concurrency level, with one slot per stream. These peers are asked for no
+  log-probs, where our server's streams carry them (the client counts tokens by
+  them), so any difference there favours the peers.
 
 The peers are each measured with 1 thread and with one per core, and their
 best is reported; glassforge runs as it ships (decode on one intra-op thread,
@@ -88,13 +98,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def stream_once(client, url: str, prompt_ids: list[int], tokens: int) -> tuple[int, float, float, float]:
-    """One streaming completion: (tokens, start, first token time, last token time)."""
-    body = {"prompt": prompt_ids, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "logprobs": 0}
-    start = time.perf_counter()
-    first = last = None
-    n = 0
+async def sse_objects(client, url: str, body: dict):
+    """The JSON objects of a streaming completion's SSE events, raising on an in-band error."""
     async with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -103,38 +108,160 @@ async def stream_once(client, url: str, prompt_ids: list[int], tokens: int) -> t
             obj = json.loads(line[6:])
             if "error" in obj:
                 raise RuntimeError(obj["error"])
-            for c in obj["choices"]:
-                got = len((c.get("logprobs") or {}).get("tokens") or [])
-                if got:
-                    now = time.perf_counter()
-                    first = first or now
-                    last = now
-                    n += got
+            yield obj
+
+
+async def timed_stream(objects, count) -> tuple[int, float, float, float]:
+    """(tokens, start, first token time, last token time) of a stream, count(obj) giving each event's tokens."""
+    start = time.perf_counter()
+    first = last = None
+    n = 0
+    async for obj in objects:
+        got = count(obj)
+        if got:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            n += got
     return n, start, first, last
 
 
-async def server_runs(base: str, prompt_ids: list[int], tokens: int, levels: list[int]) -> dict:
+def logprob_tokens(obj: dict) -> int:
+    return sum(len((c.get("logprobs") or {}).get("tokens") or []) for c in obj["choices"])
+
+
+def content_chunks(obj: dict) -> int:
+    return int(any(c.get("finish_reason") is None for c in obj.get("choices") or []))
+
+
+async def stream_once(client, url: str, prompt_ids: list[int], tokens: int) -> tuple[int, float, float, float]:
+    """One streaming completion from our server, tokens counted exactly by their log-probs."""
+    body = {"prompt": prompt_ids, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "logprobs": 0}
+    return await timed_stream(sse_objects(client, url, body), logprob_tokens)
+
+
+async def stream_peer(client, url: str, body: dict, tokens: int) -> tuple[int, float, float, float]:
+    """One streaming completion from a peer server, asked for no log-probs: tokens are counted as content
+    chunks, which these servers send one per token. (No stream_options: llama-cpp-python's server breaks
+    the stream on it.)"""
+    return await timed_stream(sse_objects(client, url, {**body, "max_tokens": tokens, "stream": True}),
+                              content_chunks)
+
+
+async def server_runs(base: str, stream, tokens: int, levels: list[int]) -> dict:
+    """Single-stream decode rate and the aggregate rate at each level; stream(client, url, tokens) is one
+    streaming completion, timed."""
     import httpx
 
     url = f"{base}/v1/completions"
     out = {}
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) + 4)) as client:
-        await stream_once(client, url, prompt_ids, 8)  # warm up
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels, default=1) + 4)) as client:
+        await stream(client, url, 8)  # warm up
         rates = []
         for _ in range(REPEATS):
-            n, start, first, last = await stream_once(client, url, prompt_ids, tokens)
+            n, start, first, last = await stream(client, url, tokens)
+            if n < tokens:
+                raise RuntimeError(f"made {n} of {tokens} tokens")
             rates.append((n - 1) / (last - first))
         out["single_decode_tps"] = median(rates)
         for c in levels:
             rates = []
             for _ in range(REPEATS):
                 t0 = time.perf_counter()
-                res = await asyncio.gather(*(stream_once(client, url, prompt_ids, tokens) for _ in range(c)))
+                res = await asyncio.gather(*(stream(client, url, tokens) for _ in range(c)))
                 wall = time.perf_counter() - t0
                 total = sum(r[0] for r in res)
-                assert total == c * tokens, (total, c * tokens)
+                if total < c * tokens:
+                    raise RuntimeError(f"{c} streams made {total} of {c * tokens} tokens")
                 rates.append(total / wall)
             out[f"aggregate_tps_{c}"] = median(rates)
+    return out
+
+
+def bench_peer_server(name: str, argv: list[str], ready_path: str, body: dict, tokens: int,
+                      levels: list[int]) -> dict:
+    """Start a peer's server (argv, with its port already in it), wait until ready_path answers, measure."""
+    import httpx
+
+    port = argv[argv.index("--port") + 1]
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}{ready_path}", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{name} did not start ({' '.join(argv)})")
+            time.sleep(0.2)
+        return asyncio.run(server_runs(base, lambda client, url, n: stream_peer(client, url, body, n), tokens,
+                                       levels))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def bench_llamacpp_servers(release: Path, gguf: Path, tokens: int, levels: list[int],
+                           llama_server: str | None) -> dict:
+    """llama.cpp behind HTTP, driven by the same kind of streaming client as our server.
+
+    - llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`), which runs one
+      request at a time;
+    - llama.cpp's own C++ `llama-server`, when a binary is given or on PATH, with one slot per stream
+      of the largest level (continuous batching).
+
+    Each at 1 thread and at one per core, the best kept per measure. They are asked for no log-probs
+    (ours is, which is more work for ours), greedy, with end-of-text biased away so every stream makes
+    --tokens tokens.
+    """
+    import importlib.util
+    import shutil
+
+    import httpx
+
+    from glassforge.tokenizer import END, ENDOFTEXT, load_tokenizer
+
+    tok = load_tokenizer(release)
+    n_ctx = json.loads((release / "config.json").read_text())["max_position_embeddings"]
+    body = {"prompt": PROMPT, "temperature": 0,
+            "logit_bias": {str(tok.token_to_id(t)): -100 for t in (END, ENDOFTEXT)}}
+    peers = {}
+    if importlib.util.find_spec("sse_starlette") and importlib.util.find_spec("llama_cpp"):
+        peers["llama-cpp-python server"] = (
+            lambda threads, port: [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_ctx",
+                                   str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(THREADS[-1]),
+                                   "--host", "127.0.0.1", "--port", str(port), "--verbose", "False",
+                                   "--interrupt_requests", "False"],  # queue a new request, not cut the last
+            "/v1/models", [16] if 16 in levels else [])  # one request at a time: one level says so
+    else:
+        print("llama-cpp-python server skipped: .venv/bin/pip install -c constraints.txt "
+              "'llama-cpp-python[server]'", file=sys.stderr)
+    beside = Path(sys.executable).parent / "llama-server"  # where bench/build_llama_server.sh puts it
+    llama_server = llama_server or shutil.which("llama-server") or (str(beside) if beside.exists() else None)
+    if llama_server:
+        slots = max(levels, default=1)
+        peers["llama.cpp llama-server"] = (
+            lambda threads, port: [llama_server, "-m", str(gguf), "-c", str(n_ctx * slots), "-np", str(slots),
+                                   "-t", str(threads), "-tb", str(THREADS[-1]), "--host", "127.0.0.1",
+                                   "--port", str(port), "--no-webui"],
+            "/health", levels)
+    else:
+        print("llama-server skipped: bash bench/build_llama_server.sh, or --llama-server PATH", file=sys.stderr)
+    out = {}
+    for name, (argv, ready, peer_levels) in peers.items():
+        best: dict = {}
+        for threads in THREADS:
+            try:
+                got = bench_peer_server(name, argv(threads, free_port()), ready, body, tokens, peer_levels)
+            except (RuntimeError, httpx.HTTPError) as e:  # a peer that fails is reported, not fatal
+                print(f"{name}, {threads} thread(s): {type(e).__name__}: {e}", file=sys.stderr)
+                continue
+            best = {k: max(v, best.get(k, 0.0)) for k, v in got.items()}
+        out[name] = best
     return out
 
 
@@ -162,7 +289,8 @@ def bench_server(release: Path, prompt_ids: list[int], tokens: int, levels: list
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("the server did not start")
             time.sleep(0.2)
-        return {**asyncio.run(server_runs(base, prompt_ids, tokens, levels)), "server_decode_compile": compile_state}
+        runs = server_runs(base, lambda client, url, n: stream_once(client, url, prompt_ids, n), tokens, levels)
+        return {**asyncio.run(runs), "server_decode_compile": compile_state}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -223,18 +351,11 @@ def bench_hf(release: Path, prompt_ids: list[int], tokens: int) -> float:
     return best
 
 
-def bench_llamacpp(release: Path, gguf: Path | None, prompt_ids: list[int], tokens: int, tmp: Path,
-                   gguf_dtype: str = "f32"):
+def bench_llamacpp(release: Path, gguf: Path, prompt_ids: list[int], tokens: int):
     try:
         from llama_cpp import Llama as LlamaCpp
     except ImportError:
         return None, "llama-cpp-python is not installed (.venv/bin/pip install -c constraints.txt llama-cpp-python)"
-    if gguf is None:
-        try:
-            from glassforge.export import export_gguf
-        except ImportError:
-            return None, "glassforge.export is not available: no GGUF export to load"
-        gguf = Path(export_gguf(release, tmp / f"model-{gguf_dtype}.gguf", gguf_dtype)["gguf"])
     from glassforge.tokenizer import END, ENDOFTEXT, load_tokenizer
 
     tok = load_tokenizer(release)
@@ -309,6 +430,8 @@ def main() -> int:
                    help="our decode steps' weights (GLASSFORGE_DECODE_WEIGHTS; default: the engine's)")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-llamacpp", action="store_true")
+    p.add_argument("--no-peer-servers", action="store_true", help="skip llama.cpp behind HTTP")
+    p.add_argument("--llama-server", help="a llama-server binary (llama.cpp's C++ server; default: llama-server on PATH)")
     p.add_argument("--decode-threads", help="the server's decode threads: a number, or auto (default: the engine's, 1)")
     p.add_argument("--probe-threads", action="store_true",
                    help="only time decode steps with 1 and with all threads at batch 1, 4, 16, 32")
@@ -322,6 +445,7 @@ def main() -> int:
     import torch
 
     from glassforge.engine import DEFAULT_DECODE_WEIGHTS
+    from glassforge.export import export_gguf
     from glassforge.generate import resolve_release
     from glassforge.tokenizer import load_tokenizer
 
@@ -344,12 +468,15 @@ def main() -> int:
             res["gguf_dtype"] = args.gguf_dtype or GGUF_FOR_WEIGHTS[res["decode_weights"]]
             if args.gguf:
                 res["gguf_dtype"] = f"given file {args.gguf.name}"
-            tps, why = bench_llamacpp(release, args.gguf, prompt_ids, args.tokens, tmp, res["gguf_dtype"])
+            gguf = args.gguf or Path(export_gguf(release, tmp / "model.gguf", res["gguf_dtype"])["gguf"])
+            tps, why = bench_llamacpp(release, gguf, prompt_ids, args.tokens)
             if tps is None:
                 print(f"llama.cpp skipped: {why}", file=sys.stderr)
                 res["llamacpp_skipped"] = why
             else:
                 res["llamacpp_single_decode_tps"] = tps
+            if not args.no_peer_servers:
+                res["peer_servers"] = bench_llamacpp_servers(release, gguf, args.tokens, levels, args.llama_server)
 
     single = res["single_decode_tps"]
     print(f"{'measure':52s} {'tokens/s':>10s}")
@@ -361,8 +488,12 @@ def main() -> int:
         rows.append(("HF transformers generate() (f32), 1 stream", res["hf_single_decode_tps"]))
     if "llamacpp_single_decode_tps" in res:
         rows.append((f"llama.cpp (llama-cpp-python, {res['gguf_dtype']}), 1 stream", res["llamacpp_single_decode_tps"]))
+    for peer, got in res.get("peer_servers", {}).items():
+        rows.append((f"{peer}, 1 stream (decode)", got.get("single_decode_tps")))
+        rows += [(f"{peer}, {c} streams (aggregate)", got[f"aggregate_tps_{c}"]) for c in levels
+                 if f"aggregate_tps_{c}" in got]
     for name, v in rows:
-        print(f"{name:52s} {v:10.1f}")
+        print(f"{name:52s} {v:10.1f}" if v else f"{name:52s} {'failed':>10s}")
     print()
     if "hf_single_decode_tps" in res:
         res["ratio_single_vs_hf"] = single / res["hf_single_decode_tps"]
@@ -373,9 +504,17 @@ def main() -> int:
         # like for like: llama-cpp-python runs in process, without an HTTP stream or a client beside it
         res["ratio_engine_vs_llamacpp"] = res["engine_single_decode_tps"] / res["llamacpp_single_decode_tps"]
         print(f"engine in-process / llama.cpp:      {res['ratio_engine_vs_llamacpp']:.2f}x  (both in process)")
+    for peer, got in res.get("peer_servers", {}).items():  # like for like: both behind HTTP, same client
+        if got.get("single_decode_tps"):
+            res[f"ratio_single_vs_{peer}"] = single / got["single_decode_tps"]
+            print(f"server 1 stream / {peer + ':':26s} {res[f'ratio_single_vs_{peer}']:.2f}x  (both over HTTP)")
     if "aggregate_tps_16" in res:
         res["ratio_aggregate16_vs_single"] = res["aggregate_tps_16"] / single
         print(f"server 16 streams / 1 stream:       {res['ratio_aggregate16_vs_single']:.2f}x  (target >= 6)")
+        for peer, got in res.get("peer_servers", {}).items():
+            if got.get("aggregate_tps_16") and got.get("single_decode_tps"):
+                res[f"ratio_aggregate16_vs_single_{peer}"] = got["aggregate_tps_16"] / got["single_decode_tps"]
+                print(f"{peer}, 16 streams / 1 stream: {res[f'ratio_aggregate16_vs_single_{peer}']:.2f}x")
     print(json.dumps(res))
     return 0
 
