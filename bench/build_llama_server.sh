@@ -3,7 +3,7 @@
 #
 # The source is the llama.cpp that llama-cpp-python vendors, at the version constraints.txt pins, so the
 # in-process peer and the HTTP peer are the same llama.cpp. Static, native CPU flags, no web UI, no network
-# features. About 20 minutes on 2 cores.
+# features. About 6 minutes on 2 cores.
 #
 #     bash bench/build_llama_server.sh
 set -euo pipefail

@@ -11,7 +11,8 @@ with the `default` recipe's shape (d_model 256, 4 layers, 8 heads, 4 KV heads,
 throughput does not depend on what the weights learned.
 
 Measured, all greedy with end-of-text ignored so every stream makes exactly
---tokens tokens; every rate is the median of REPEATS runs:
+--tokens tokens; every rate is the median of several runs (SINGLE_REPEATS for
+one stream, REPEATS for the aggregates):
 
 - glassforge server: `glassforge serve` in a subprocess (--max-batch 32),
   driven over loopback by streaming /v1/completions clients, once its decode
@@ -59,7 +60,10 @@ from pathlib import Path
 from statistics import median
 
 THREADS = sorted({1, os.cpu_count() or 1})  # HF and llama.cpp are measured at each; the best counts
-REPEATS = 3  # single-stream rates are the median of this many runs (the shared machine's load moves them)
+# rates are medians over this many runs (the shared machine's load moves them); one stream's 128 tokens take
+# under 0.1 s, so single-stream rates take more runs
+REPEATS = 3
+SINGLE_REPEATS = 9
 # llama.cpp runs a GGUF of the precision our decode steps use (GLASSFORGE_DECODE_WEIGHTS): Q8_0 is llama.cpp's
 # int8 weight format (per-32-weight scales, so a little more precise than our per-row int8)
 GGUF_FOR_WEIGHTS = {"f32": "f32", "bf16": "bf16", "int8": "q8_0"}
@@ -159,7 +163,7 @@ async def server_runs(base: str, stream, tokens: int, levels: list[int]) -> dict
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels, default=1) + 4)) as client:
         await stream(client, url, 8)  # warm up
         rates = []
-        for _ in range(REPEATS):
+        for _ in range(SINGLE_REPEATS):
             n, start, first, last = await stream(client, url, tokens)
             if n < tokens:
                 raise RuntimeError(f"made {n} of {tokens} tokens")
@@ -186,7 +190,8 @@ def bench_peer_server(name: str, argv: list[str], ready_path: str, body: dict, t
 
     port = argv[argv.index("--port") + 1]
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
         while True:
@@ -200,9 +205,38 @@ def bench_peer_server(name: str, argv: list[str], ready_path: str, body: dict, t
             time.sleep(0.2)
         return asyncio.run(server_runs(base, lambda client, url, n: stream_peer(client, url, body, n), tokens,
                                        levels))
+    except (RuntimeError, httpx.HTTPError):
+        time.sleep(1)  # a crash's last words
+        log.seek(0)
+        state = "still running" if proc.poll() is None else f"exited with {proc.returncode}"
+        print(f"{name} ({state}), its last output lines:\n" + "".join(log.readlines()[-8:]), file=sys.stderr)
+        raise
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        log.close()
+
+
+def find_llama_server() -> str | None:
+    """llama-server on PATH, else beside this Python (where bench/build_llama_server.sh puts it)."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "llama-server"
+    return shutil.which("llama-server") or (str(beside) if beside.exists() else None)
+
+
+def llama_server_argv(binary: str, gguf: Path, n_ctx: int, slots: int, threads: int, port: int) -> list[str]:
+    """llama.cpp's server on loopback with `slots` sequences of n_ctx tokens each, batched together."""
+    return [binary, "-m", str(gguf), "-c", str(n_ctx * slots), "-np", str(slots), "-t", str(threads),
+            "-tb", str(THREADS[-1]), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+
+
+def peer_body(release: Path) -> dict:
+    """A greedy completion request for a peer server, end-of-text biased away (the peers have no ignore_eos)."""
+    from glassforge.tokenizer import END, ENDOFTEXT, load_tokenizer
+
+    tok = load_tokenizer(release)
+    return {"prompt": PROMPT, "temperature": 0, "logit_bias": {str(tok.token_to_id(t)): -100 for t in (END, ENDOFTEXT)}}
 
 
 def bench_llamacpp_servers(release: Path, gguf: Path, tokens: int, levels: list[int],
@@ -219,16 +253,11 @@ def bench_llamacpp_servers(release: Path, gguf: Path, tokens: int, levels: list[
     --tokens tokens.
     """
     import importlib.util
-    import shutil
 
     import httpx
 
-    from glassforge.tokenizer import END, ENDOFTEXT, load_tokenizer
-
-    tok = load_tokenizer(release)
     n_ctx = json.loads((release / "config.json").read_text())["max_position_embeddings"]
-    body = {"prompt": PROMPT, "temperature": 0,
-            "logit_bias": {str(tok.token_to_id(t)): -100 for t in (END, ENDOFTEXT)}}
+    body = peer_body(release)
     peers = {}
     if importlib.util.find_spec("sse_starlette") and importlib.util.find_spec("llama_cpp"):
         peers["llama-cpp-python server"] = (
@@ -240,26 +269,24 @@ def bench_llamacpp_servers(release: Path, gguf: Path, tokens: int, levels: list[
     else:
         print("llama-cpp-python server skipped: .venv/bin/pip install -c constraints.txt "
               "'llama-cpp-python[server]'", file=sys.stderr)
-    beside = Path(sys.executable).parent / "llama-server"  # where bench/build_llama_server.sh puts it
-    llama_server = llama_server or shutil.which("llama-server") or (str(beside) if beside.exists() else None)
+    llama_server = llama_server or find_llama_server()
     if llama_server:
         slots = max(levels, default=1)
         peers["llama.cpp llama-server"] = (
-            lambda threads, port: [llama_server, "-m", str(gguf), "-c", str(n_ctx * slots), "-np", str(slots),
-                                   "-t", str(threads), "-tb", str(THREADS[-1]), "--host", "127.0.0.1",
-                                   "--port", str(port), "--no-webui"],
-            "/health", levels)
+            lambda threads, port: llama_server_argv(llama_server, gguf, n_ctx, slots, threads, port), "/health", levels)
     else:
         print("llama-server skipped: bash bench/build_llama_server.sh, or --llama-server PATH", file=sys.stderr)
     out = {}
     for name, (argv, ready, peer_levels) in peers.items():
         best: dict = {}
         for threads in THREADS:
-            try:
-                got = bench_peer_server(name, argv(threads, free_port()), ready, body, tokens, peer_levels)
-            except (RuntimeError, httpx.HTTPError) as e:  # a peer that fails is reported, not fatal
-                print(f"{name}, {threads} thread(s): {type(e).__name__}: {e}", file=sys.stderr)
-                continue
+            got = {}
+            for attempt in (1, 2):  # llama-server has now and then closed a first connection unanswered
+                try:
+                    got = bench_peer_server(name, argv(threads, free_port()), ready, body, tokens, peer_levels)
+                    break
+                except (RuntimeError, httpx.HTTPError) as e:  # a peer that fails is reported, not fatal
+                    print(f"{name}, {threads} thread(s), try {attempt}: {type(e).__name__}: {e}", file=sys.stderr)
             best = {k: max(v, best.get(k, 0.0)) for k, v in got.items()}
         out[name] = best
     return out
@@ -314,7 +341,7 @@ def bench_engine(release: Path, prompt_ids: list[int], tokens: int) -> float:
             q.put(ev)
 
         rates = []
-        for _ in range(REPEATS):
+        for _ in range(SINGLE_REPEATS):
             times.clear()
             engine.submit([(0, prompt_ids, params)], sink)
             while not q.get().finish_reason:
@@ -346,7 +373,7 @@ def bench_hf(release: Path, prompt_ids: list[int], tokens: int) -> float:
         torch.set_num_threads(threads)
         timed(4)
         t1 = min(timed(1) for _ in range(3))
-        best = max(best, median([(tokens - 1) / (timed(tokens) - t1) for _ in range(REPEATS)]))
+        best = max(best, median([(tokens - 1) / (timed(tokens) - t1) for _ in range(SINGLE_REPEATS)]))
     torch.set_num_threads(THREADS[-1])
     return best
 
@@ -379,7 +406,7 @@ def bench_llamacpp(release: Path, gguf: Path, prompt_ids: list[int], tokens: int
                        n_batch=512, verbose=False)
         run(llm, 8)
         rates = []
-        for _ in range(REPEATS):
+        for _ in range(SINGLE_REPEATS):
             count, first, last = run(llm, tokens)
             if count < tokens:
                 return None, f"llama.cpp made {count} of {tokens} tokens"
