@@ -408,8 +408,50 @@ def test_merge_pending_folds_one_choices_waiting_events_up_to_its_finish():
     assert merge_pending(q.get_nowait(), q).text == "other" and q.qsize() == 1
 
 
-def test_stream_interval_sends_the_first_and_last_tokens_at_once_and_folds_the_rest(live):
-    """With a long interval, a stream's first token comes alone and the tokens after it arrive together."""
+def test_stream_interval_wakes_the_loop_for_first_and_last_events_and_holds_the_rest():
+    """Server.submit's sink: the first event and a finish wake the event loop at once; events between wait
+    for the interval (and for an earlier wake-up to be delivered)."""
+    from glassforge.engine import Event
+    from glassforge.serve import Server
+
+    class FakeEngine:
+        def submit(self, requests, sink):
+            self.sink = sink
+            return []
+
+    class FakeLoop:
+        def __init__(self):
+            self.calls = []
+
+        def call_soon_threadsafe(self, fn):
+            self.calls.append(fn)
+
+    def run_wakeups():
+        while loop.calls:
+            loop.calls.pop(0)()
+
+    engine, loop = FakeEngine(), FakeLoop()
+    q, _ = Server(engine, "m", stream_interval=1000.0).submit([], loop)
+    engine.sink(Event(0, "a"))
+    assert len(loop.calls) == 1  # the first event: at once
+    run_wakeups()
+    engine.sink(Event(0, "b"))
+    engine.sink(Event(0, "c"))
+    assert loop.calls == [] and q.qsize() == 1  # held: the interval has not passed
+    engine.sink(Event(0, "d", finish_reason="stop"))
+    assert len(loop.calls) == 1  # the last: at once, taking the held ones along
+    run_wakeups()
+    assert [q.get_nowait().text for _ in range(q.qsize())] == ["a", "b", "c", "d"]
+
+    q, _ = Server(engine, "m", stream_interval=0.0).submit([], loop)
+    for text in "xyz":
+        engine.sink(Event(0, text))
+        run_wakeups()
+    assert q.qsize() == 3
+
+
+def test_stream_interval_folds_a_streams_tokens(live):
+    """With a long interval, the tokens after the first arrive together, and the text is unchanged."""
     from glassforge.serve import create_app
 
     srv = LiveServer(create_app(live.engine, stream_interval_ms=1000))
@@ -425,8 +467,8 @@ def test_stream_interval_sends_the_first_and_last_tokens_at_once_and_folds_the_r
                     if choice["logprobs"] and choice["logprobs"]["tokens"]:
                         counts.append(len(choice["logprobs"]["tokens"]))
         elapsed = time.monotonic() - start
-        assert sum(counts) == 24 and counts[0] == 1
-        # the first token, then one chunk per second at most, then the last event's
+        assert sum(counts) == 24
+        # the first wake-up's tokens, then one chunk per second at most, then the last event's
         assert len(counts) <= 2 + int(elapsed) + 1, (counts, elapsed)
         assert text == httpx.post(f"{srv.base}/completions", json=body, timeout=60).json()["choices"][0]["text"]
     finally:
