@@ -458,7 +458,8 @@ def main() -> int:
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-llamacpp", action="store_true")
     p.add_argument("--no-peer-servers", action="store_true", help="skip llama.cpp behind HTTP")
-    p.add_argument("--llama-server", help="a llama-server binary (llama.cpp's C++ server; default: llama-server on PATH)")
+    p.add_argument("--llama-server", help="a llama-server binary (llama.cpp's C++ server; default: llama-server on PATH, else beside this "
+                        "Python, where bench/build_llama_server.sh puts it)")
     p.add_argument("--decode-threads", help="the server's decode threads: a number, or auto (default: the engine's, 1)")
     p.add_argument("--probe-threads", action="store_true",
                    help="only time decode steps with 1 and with all threads at batch 1, 4, 16, 32")

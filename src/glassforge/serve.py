@@ -429,7 +429,8 @@ class Server:
         # the stream then folds what arrived into one chunk (merge_pending). And at most one wake-up per
         # stream_interval, but for a request's first and last events: each wake-up holds the GIL for a
         # while, which the engine thread waits out between its steps (docs/PERFORMANCE.md). Events held
-        # back go with the next one, which always comes: every running sequence makes one per step.
+        # back go with the sequence's next one, which always comes (the finish at the latest); a step that
+        # adds no text and no log-probs sends none, so a held event can wait longer than the interval.
         arrived: collections.deque = collections.deque()
         scheduled = [False]
         last_wake = [-math.inf]
