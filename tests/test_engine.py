@@ -1,4 +1,7 @@
-"""The continuous-batching engine: batched decoding matches one-at-a-time decoding, and its limits hold."""
+"""The continuous-batching engine: its fast path is the model's forward, batched decoding matches one-at-a-time
+decoding, its limits hold, and its compiled decode steps keep the eager step's arithmetic.
+
+Engines here do not compile their decode step (compile_decode=False) unless compiling is what is tested."""
 
 from __future__ import annotations
 
@@ -9,8 +12,13 @@ import time
 import pytest
 import torch
 
-from glassforge.engine import (AOT_GRAPHS, DECODE_WEIGHTS, ContextTooLong, Engine, FastPath, QueueFull,
-                               SamplingParams, compile_settings)
+from glassforge.core.errors import UserError
+from glassforge.model.llama import KVCache
+from glassforge.serve.engine import Engine
+from glassforge.serve.fastpath import AOT_GRAPHS, DECODE_WEIGHTS, CompileState, FastPath, compile_settings
+from glassforge.serve.text import find_stop, holdback
+from glassforge.serve.types import ContextTooLong, QueueFull, SamplingParams
+from helpers import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +104,33 @@ def test_packed_prefill_equals_one_prompt_at_a_time(random_model):
         e.close()
 
 
+def test_fast_path_is_the_models_forward(engine):
+    """FastPath (f32) gives the logits and cache writes of the model's own forward: the plain forward for a
+    whole prompt, and the cached forward (cache, positions, slots) for packed prompts and for decode steps
+    where every slot is at its own position."""
+    model, tol = engine.model, dict(rtol=1e-5, atol=1e-5)
+    fast = FastPath(model, engine.max_context, "f32")  # its own cache: the engine's belongs to its thread
+    prompts = [engine.encode(p) for p in PROMPTS]
+    ours, theirs = (KVCache(model.cfg, len(prompts) + 1, engine.max_context + 1) for _ in range(2))
+    with torch.no_grad():
+        whole, _ = model(torch.tensor([prompts[1]]))
+        torch.testing.assert_close(fast.prefill(prompts[1], ours, 0, True), whole[0], **tol)
+        last = fast.prefill_packed([(ids, slot) for slot, ids in enumerate(prompts)], ours)
+        want = [model(torch.tensor([ids]), cache=theirs, positions=torch.arange(len(ids))[None],
+                      slots=torch.tensor([slot]))[0][0, -1] for slot, ids in enumerate(prompts)]
+        torch.testing.assert_close(last, torch.stack(want), **tol)
+        tokens = last.argmax(-1)
+        positions = torch.tensor([len(ids) for ids in prompts])
+        for _ in range(8):
+            got = fast.decode(tokens, positions, ours)
+            want, _ = model(tokens[:, None], cache=theirs, positions=positions[:, None],
+                            slots=torch.arange(len(prompts)))
+            torch.testing.assert_close(got, want[:, -1], **tol)
+            tokens, positions = got.argmax(-1), positions + 1
+    torch.testing.assert_close(ours.k, theirs.k, **tol)
+    torch.testing.assert_close(ours.v, theirs.v, **tol)
+
+
 def test_prompts_submitted_together_share_one_prefill_pass(random_model):
     e = Engine(random_model, max_batch=4, decode_weights="f32", compile_decode=False)
     try:
@@ -120,7 +155,6 @@ def test_seeded_sampling_is_independent_of_batch_companions(engine):
     ids = engine.encode(PROMPTS[0])
     p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=42, ignore_eos=True)
     alone = engine.generate(ids, p)[0].text
-    q: queue.SimpleQueue = queue.SimpleQueue()
     other = SamplingParams(max_tokens=30, temperature=1.0, seed=1, ignore_eos=True)
     engine.submit([(0, engine.encode(PROMPTS[2]), other), (1, engine.encode(PROMPTS[3]), other)], lambda ev: None)
     together = engine.generate(ids, p)[0].text
@@ -129,12 +163,12 @@ def test_seeded_sampling_is_independent_of_batch_companions(engine):
 
 
 def test_stop_string_helpers():
-    assert Engine._find_stop("abc STOP def", 0, ["STOP"]) == 4
-    assert Engine._find_stop("abc ST", 0, ["STOP"]) is None
-    assert Engine._find_stop("xxSTxxOP", 6, ["OP", "ST"]) == 6  # only where new text can complete a stop
-    assert Engine._holdback("hello S", ["STOP"]) == 1
-    assert Engine._holdback("hello STO", ["STOP", "Ox"]) == 3
-    assert Engine._holdback("hello", ["STOP"]) == 0
+    assert find_stop("abc STOP def", 0, ["STOP"]) == 4
+    assert find_stop("abc ST", 0, ["STOP"]) is None
+    assert find_stop("xxSTxxOP", 6, ["OP", "ST"]) == 6  # only where new text can complete a stop
+    assert holdback("hello S", ["STOP"]) == 1
+    assert holdback("hello STO", ["STOP", "Ox"]) == 3
+    assert holdback("hello", ["STOP"]) == 0
 
 
 def test_stop_token_and_max_tokens(engine):
@@ -151,12 +185,18 @@ def test_stop_token_and_max_tokens(engine):
 def test_limits(engine):
     with pytest.raises(ContextTooLong):
         engine.check_request([1] * 10, SamplingParams(max_tokens=engine.max_context))
-    with pytest.raises(Exception):
+    with pytest.raises(UserError, match=f"token id {engine.vocab_size + 5} is outside the vocabulary"):
         engine.check_request([engine.vocab_size + 5], SamplingParams(max_tokens=1))
+    with pytest.raises(UserError, match="the prompt is empty"):
+        engine.check_request([], SamplingParams(max_tokens=1))
+    # a generation makes at least one token; scoring and embeddings (max_tokens 0) may fill the context
+    engine.check_prompt([1] * engine.max_context, 0)
+    with pytest.raises(ContextTooLong):
+        engine.check_request([1] * engine.max_context, SamplingParams(max_tokens=0))
 
 
 def test_cancel_frees_the_slot_and_queue_bound(random_model):
-    e = Engine(random_model, max_batch=1, max_queue=1)
+    e = Engine(random_model, max_batch=1, max_queue=1, compile_decode=False)
     try:
         long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
         got: queue.SimpleQueue = queue.SimpleQueue()
@@ -166,17 +206,14 @@ def test_cancel_frees_the_slot_and_queue_bound(random_model):
         with pytest.raises(QueueFull):
             e.submit([(0, e.encode("y"), SamplingParams(max_tokens=1))], lambda ev: None)
         e.cancel(seqs)
-        deadline = time.time() + 5
-        while e.batch_size or e.queue_depth:
-            assert time.time() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: not (e.batch_size or e.queue_depth), 5, "cancelled sequences still held")
         assert e.stats["cancelled"] == 1 and e.stats["completion_tokens"] < 200
     finally:
         e.close()
 
 
 def test_max_context_caps_generation(random_model):
-    e = Engine(random_model, max_batch=2, max_context=16)
+    e = Engine(random_model, max_batch=2, max_context=16, compile_decode=False)
     try:
         ids = e.encode("import json")
         ev = e.generate(ids, SamplingParams(max_tokens=16 - len(ids), temperature=0, ignore_eos=True))[0]
@@ -247,7 +284,7 @@ def test_decode_weights_stay_close_to_f32(engines, weights, int8_rows):
 def test_compiled_decode_matches_eager(engines, weights, int8_rows):
     """The compiled step is the eager step's arithmetic: same greedy tokens, logits within float noise."""
     e = engines[weights]
-    assert e.compile_state == "on", e.compile_state
+    assert e.compiler.state is CompileState.ON, e.compiler.health()
     ids = e.encode("import json\n\n\ndef load(path):\n    with open(path) as f:\n        return json.load(f)\n")
     eager = teacher_forced_logits(e, ids, e.fast._decode, int8_rows)
     compiled = teacher_forced_logits(e, ids, e.fast.step, int8_rows)
@@ -270,10 +307,10 @@ def test_int8_activations_from_eight_rows(engines):
 def test_default_engine_greedy_equals_its_eager_step(random_model):
     """End to end through the engine (compiled, default weights): greedy tokens are those of the eager
     step of the same weights, for sequences decoded together."""
-    compiled = Engine(random_model, max_batch=4)
+    compiled = Engine(random_model, max_batch=4, compile_decode=True)
     eager = Engine(random_model, max_batch=4, compile_decode=False)
     try:
-        assert compiled.wait_compiled(600) == "on"
+        assert compiled.wait_compiled(600) is CompileState.ON
         params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
         for prompt in PROMPTS[:2]:
             ids = compiled.encode(prompt)
@@ -289,12 +326,13 @@ def test_ahead_of_time_steps_equal_the_compiled_steps(random_model):
     """The AOT graphs (batch 1, other batches, int8 rows from 8) write the cache and give the compiled
     step's logits; through the engine, greedy tokens are those of an engine without them, up to the
     end of the context."""
-    aot = Engine(random_model, max_batch=8, max_context=64, decode_aot=True)
-    plain = Engine(random_model, max_batch=8, max_context=64, decode_aot=False)
+    aot = Engine(random_model, max_batch=8, max_context=64, compile_decode=True, decode_aot=True)
+    plain = Engine(random_model, max_batch=8, max_context=64, compile_decode=True, decode_aot=False)
     try:
-        assert aot.wait_compiled(900) == "on" and plain.wait_compiled(600) == "on"
-        assert aot.aot_state == "on" and set(aot.fast.aot) == set(AOT_GRAPHS), aot.aot_state
-        assert plain.aot_state == "off" and not plain.fast.aot
+        assert aot.wait_compiled(900) is CompileState.ON and plain.wait_compiled(600) is CompileState.ON
+        assert aot.compiler.aot is CompileState.ON and set(aot.fast.aot) == set(AOT_GRAPHS), aot.compiler.health()
+        assert aot.compiler.health() == {"decode_compile": "on", "decode_aot": "on"}
+        assert plain.compiler.aot is CompileState.OFF and not plain.fast.aot
         ids = aot.encode(PROMPTS[0])
         with torch.no_grad():
             for e in (aot, plain):
@@ -318,9 +356,13 @@ def test_compile_failure_keeps_the_eager_step(random_model, monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(FastPath, "compile", broken)
-    e = Engine(random_model, max_batch=2, decode_weights="f32")
+    e = Engine(random_model, max_batch=2, decode_weights="f32", compile_decode=True, decode_aot=True)
     try:
-        assert e.wait_compiled(60).startswith("failed: RuntimeError: no C++ compiler")
+        assert e.wait_compiled(60) is CompileState.FAILED
+        assert e.compiler.reason == "RuntimeError: no C++ compiler"
+        # /health keeps saying why, in the words it always used; the AOT steps, which wait for it, never start
+        assert e.compiler.health() == {"decode_compile": "failed: RuntimeError: no C++ compiler",
+                                       "decode_aot": "off"}
         ids = e.encode(PROMPTS[0])
         ev = e.generate(ids, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0))[0]
         assert ids_of(ev) == reference_greedy(e, ids, 5)
@@ -330,12 +372,12 @@ def test_compile_failure_keeps_the_eager_step(random_model, monkeypatch):
 
 def test_close_during_the_compile_stops_it(random_model):
     """An engine closed while its step compiles stops after the graph being made and never switches."""
-    e = Engine(random_model, max_batch=2)
+    e = Engine(random_model, max_batch=2, compile_decode=True)
     e.close()
-    assert e.wait_compiled(600) == "off"
+    assert e.wait_compiled(600) is CompileState.OFF
     assert e.fast.step == e.fast._decode
 
 
 def test_unknown_decode_weights_is_a_user_error(random_model):
-    with pytest.raises(Exception, match="decode weights 'fp4'"):
+    with pytest.raises(UserError, match="decode weights 'fp4'"):
         Engine(random_model, decode_weights="fp4", compile_decode=False)

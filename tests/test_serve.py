@@ -1,26 +1,27 @@
-"""The OpenAI-compatible server, through the official `openai` client and raw HTTP on loopback."""
+"""The OpenAI-compatible server, through the official `openai` client and raw HTTP on loopback.
+
+Engines here decode eagerly (compile_decode=False): what is tested is the server, not the compiler."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
-import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
-from conftest import LiveServer
+from helpers import LiveServer, sse_events, wait_until
 
 openai = pytest.importorskip("openai")
 
 
 def start(folder, api_key=None, **engine_kw):
-    from glassforge.engine import Engine
-    from glassforge.serve import create_app
+    from glassforge.serve.app import create_app
+    from glassforge.serve.engine import Engine
 
-    engine = Engine(folder, **engine_kw)
+    engine = Engine(folder, **{"compile_decode": False, **engine_kw})
     return engine, LiveServer(create_app(engine, api_key=api_key))
 
 
@@ -343,10 +344,8 @@ def test_queue_full_is_429_and_disconnect_frees_slot(random_model):
                 assert busy.headers["retry-after"] == "1"
                 assert busy.json()["error"]["type"] == "rate_limit_error"
             # the stream is closed after one chunk: its slot must be freed long before 200 tokens
-            deadline = time.time() + 5
-            while metrics_of(srv.root)["glassforge_running_sequences"] != 0:
-                assert time.time() < deadline, "disconnected stream still running"
-                time.sleep(0.02)
+            wait_until(lambda: metrics_of(srv.root)["glassforge_running_sequences"] == 0, 5,
+                       "disconnected stream still running")
             m = metrics_of(srv.root)
             assert m["glassforge_cancelled_total"] >= 1
             assert m["glassforge_generation_tokens_total"] < 200
@@ -361,15 +360,11 @@ def test_queue_full_is_429_and_disconnect_frees_slot(random_model):
             sock = socket.create_connection((u.hostname, u.port))
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
-            deadline = time.time() + 10
-            while metrics_of(srv.root)["glassforge_running_sequences"] != 4:
-                assert time.time() < deadline, "the request never ran"
-                time.sleep(0.005)
+            wait_until(lambda: metrics_of(srv.root)["glassforge_running_sequences"] == 4, 10,
+                       "the request never ran", interval=0.005)
             sock.close()
-            deadline = time.time() + 5
-            while metrics_of(srv.root)["glassforge_running_sequences"] != 0:
-                assert time.time() < deadline, "abandoned request still running"
-                time.sleep(0.05)
+            wait_until(lambda: metrics_of(srv.root)["glassforge_running_sequences"] == 0, 5,
+                       "abandoned request still running", interval=0.05)
             m = metrics_of(srv.root)
             assert m["glassforge_cancelled_total"] >= 5 and m["glassforge_generation_tokens_total"] < 200 + 1000
     finally:
@@ -377,82 +372,101 @@ def test_queue_full_is_429_and_disconnect_frees_slot(random_model):
         engine.close()
 
 
-def test_error_midstream_is_an_error_event(live):
-    # an unknown route pattern cannot produce a mid-stream error; instead check the client raises on one
-    from glassforge.serve import _sse, error_body
+def test_error_midstream_is_an_error_event(live, monkeypatch):
+    """An engine failure after a stream has started reaches the client as an OpenAI error event, and the
+    stream ends without [DONE], on completions and chat alike (one SSE generator); the server keeps serving."""
+    def broken(tokens, positions, cache):
+        raise RuntimeError("boom")
 
-    line = _sse(error_body("boom", "server_error"))
-    assert json.loads(line[len("data: "):])["error"]["message"] == "boom"
+    monkeypatch.setattr(live.engine.fast, "decode", broken)  # the prefill's token goes out; the next step fails
+    # log-probs make the prefill's token an event of its own, whatever its text
+    for path, body in (("completions", {"prompt": "import", "logprobs": 0}),
+                       ("chat/completions", {"messages": MSGS, "logprobs": True})):
+        with httpx.stream("POST", f"{live.base}/{path}", timeout=60,
+                          json={**body, "max_tokens": 8, "stream": True, "ignore_eos": True}) as r:
+            assert r.status_code == 200  # the stream had started before the failure
+            events = sse_events(r.iter_lines())
+        assert "[DONE]" not in events
+        *chunks, last = events
+        assert chunks and all("choices" in c for c in chunks), events
+        assert last == {"error": {"message": "internal error: RuntimeError: boom", "type": "server_error",
+                                  "param": None, "code": None}}
+    monkeypatch.undo()
+    wait_until(lambda: live.engine.batch_size == 0, 10, "failed sequences still running")
+    r = httpx.post(f"{live.base}/completions", json={"prompt": "import", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_merge_pending_folds_one_choices_waiting_events_up_to_its_finish():
-    from glassforge.engine import Event, TokenLogprob
-    from glassforge.serve import merge_pending
+class FakeLoop:
+    """An event loop's call_soon_threadsafe that only records: the test runs the wake-ups itself."""
+
+    def __init__(self):
+        self.calls = []
+
+    def call_soon_threadsafe(self, fn):
+        self.calls.append(fn)
+
+    def run_wakeups(self):
+        while self.calls:
+            self.calls.pop(0)()
+
+
+def test_next_merged_folds_one_choices_waiting_events_up_to_its_finish():
+    from glassforge.serve.serving import Delivery
+    from glassforge.serve.types import Event, TokenLogprob
 
     def tok(i):
         return TokenLogprob(i, f"t{i}", -0.5, None, i)
 
-    q: asyncio.Queue = asyncio.Queue()
-    for ev in (Event(0, "b", [tok(2)], prompt_tokens=4, completion_tokens=2),
+    loop = FakeLoop()
+    d = Delivery(loop, interval=0.0)
+    for ev in (Event(0, "a", [tok(1)], prompt_tokens=4, completion_tokens=1),
+               Event(0, "b", [tok(2)], prompt_tokens=4, completion_tokens=2),
                Event(0, "c", [tok(3)], "stop", prompt_tokens=4, completion_tokens=3),
                Event(0, "late"), Event(1, "other")):
-        q.put_nowait(ev)
-    first = Event(0, "a", [tok(1)], prompt_tokens=4, completion_tokens=1)
-    merged = merge_pending(first, q)
+        d.sink(ev)
+    loop.run_wakeups()
+    merged = asyncio.run(d.next_merged())
     assert (merged.text, [t.id for t in merged.tokens], merged.finish_reason) == ("abc", [1, 2, 3], "stop")
     assert (merged.prompt_tokens, merged.completion_tokens) == (4, 3)
-    assert [e.text for e in q._queue] == ["late", "other"]  # nothing folded past the finish
+    assert [e.text for e in d.ready] == ["late", "other"]  # nothing folded past the finish
     # another choice's event, or an error, is never folded in
-    assert merge_pending(q.get_nowait(), q).text == "late" and q.qsize() == 1
-    q.put_nowait(Event(1, error="boom"))
-    assert merge_pending(q.get_nowait(), q).text == "other" and q.qsize() == 1
+    assert asyncio.run(d.next_merged()).text == "late" and len(d.ready) == 1
+    d.sink(Event(1, error="boom"))
+    loop.run_wakeups()
+    assert asyncio.run(d.next_merged()).text == "other" and len(d.ready) == 1
+    assert asyncio.run(d.next_merged()).error == "boom"
 
 
 def test_stream_interval_wakes_the_loop_for_first_and_last_events_and_holds_the_rest():
-    """Server.submit's sink: the first event and a finish wake the event loop at once; events between wait
-    for the interval (and for an earlier wake-up to be delivered)."""
-    from glassforge.engine import Event
-    from glassforge.serve import Server
+    """Delivery.sink: the first event and a finish wake the event loop at once; events between wait for the
+    interval (and for an earlier wake-up to be delivered)."""
+    from glassforge.serve.serving import Delivery
+    from glassforge.serve.types import Event
 
-    class FakeEngine:
-        def submit(self, requests, sink):
-            self.sink = sink
-            return []
-
-    class FakeLoop:
-        def __init__(self):
-            self.calls = []
-
-        def call_soon_threadsafe(self, fn):
-            self.calls.append(fn)
-
-    def run_wakeups():
-        while loop.calls:
-            loop.calls.pop(0)()
-
-    engine, loop = FakeEngine(), FakeLoop()
-    q, _ = Server(engine, "m", stream_interval=1000.0).submit([], loop)
-    engine.sink(Event(0, "a"))
+    loop = FakeLoop()
+    d = Delivery(loop, interval=1000.0)
+    d.sink(Event(0, "a"))
     assert len(loop.calls) == 1  # the first event: at once
-    run_wakeups()
-    engine.sink(Event(0, "b"))
-    engine.sink(Event(0, "c"))
-    assert loop.calls == [] and q.qsize() == 1  # held: the interval has not passed
-    engine.sink(Event(0, "d", finish_reason="stop"))
+    loop.run_wakeups()
+    d.sink(Event(0, "b"))
+    d.sink(Event(0, "c"))
+    assert loop.calls == [] and len(d.ready) == 1  # held: the interval has not passed
+    d.sink(Event(0, "d", finish_reason="stop"))
     assert len(loop.calls) == 1  # the last: at once, taking the held ones along
-    run_wakeups()
-    assert [q.get_nowait().text for _ in range(q.qsize())] == ["a", "b", "c", "d"]
+    loop.run_wakeups()
+    assert [e.text for e in d.ready] == ["a", "b", "c", "d"]
 
-    q, _ = Server(engine, "m", stream_interval=0.0).submit([], loop)
+    d = Delivery(loop, interval=0.0)
     for text in "xyz":
-        engine.sink(Event(0, text))
-        run_wakeups()
-    assert q.qsize() == 3
+        d.sink(Event(0, text))
+        loop.run_wakeups()
+    assert len(d.ready) == 3
 
 
 def test_stream_interval_folds_a_streams_tokens(live):
     """With a long interval, the tokens after the first arrive together, and the text is unchanged."""
-    from glassforge.serve import create_app
+    from glassforge.serve.app import create_app
 
     srv = LiveServer(create_app(live.engine, stream_interval_ms=1000))
     try:
@@ -518,16 +532,17 @@ def test_concurrent_streams_load(live):
 def test_terminal_chat(random_model, monkeypatch):
     import io
 
-    from glassforge import chat as chat_mod
+    from glassforge.serve import chat as chat_mod
 
     seen = []
     real_reply = chat_mod.reply
 
-    def recording_reply(engine, messages, temperature, max_tokens, out):
+    def recording_reply(engine, messages, temperature, max_tokens, out, **kw):
         seen.append([dict(m) for m in messages])
-        return real_reply(engine, messages, temperature, max_tokens, out)
+        return real_reply(engine, messages, temperature, max_tokens, out, **kw)
 
     monkeypatch.setattr(chat_mod, "reply", recording_reply)
+    monkeypatch.setenv("GLASSFORGE_DECODE_COMPILE", "0")  # chat() makes its own engine
     out = io.StringIO()
     chat_mod.chat(random_model, temperature=0, max_tokens=5,
                   stdin=io.StringIO("hello\nmore\n/reset\nagain\n/exit\nnot read\n"), stdout=out)
@@ -538,20 +553,27 @@ def test_terminal_chat(random_model, monkeypatch):
 
 
 def test_trace(client, live, tmp_path):
-    trace = pytest.importorskip("glassforge.trace")
-    if not hasattr(trace, "Tracer") or not hasattr(trace, "build_index_arrays"):
-        pytest.skip("glassforge.trace has no Tracer yet")
-    # the random model's release has no trace index: OpenAI-shaped answers, not 500s
+    from glassforge.release.trace import Tracer
+    from glassforge.release.trace_index import build_index_arrays
+
+    # the random model's release has no trace index: one OpenAI-shaped 400, wherever tracing is asked for
     r = httpx.post(f"{live.base}/trace", json={"text": "import json"})
-    assert r.status_code == 404 and r.json()["error"]["code"] == "trace_unavailable"
+    assert r.status_code == 400
+    no_index = r.json()["error"]
+    assert no_index["code"] == "trace_unavailable" and no_index["type"] == "invalid_request_error"
+    for path, body in (("completions", {"prompt": "x"}), ("chat/completions", {"messages": MSGS})):
+        for stream in (False, True):
+            r = httpx.post(f"{live.base}/{path}", json={**body, "max_tokens": 1, "trace": True, "stream": stream})
+            assert r.status_code == 400 and r.json()["error"] == {**no_index, "param": "trace"}
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=live.model, prompt="x", max_tokens=1, extra_body={"trace": True})
 
     # a copy of the release with an index over a few documents
     import shutil
 
-    from glassforge import pystdlib
-    from glassforge.runfolder import sha256_bytes, sha256_file
+    from glassforge.core.hashing import sha256_bytes, sha256_file
+    from glassforge.core.runfolder import Release
+    from glassforge.data import pystdlib
 
     folder = tmp_path / "release"
     shutil.copytree(live.engine.folder, folder, ignore=shutil.ignore_patterns("trace"))
@@ -562,13 +584,13 @@ def test_trace(client, live, tmp_path):
         stream += eng.encode(t) + [eng.eot_id]
         offsets.append(len(stream))
         docs.append({"id": f"doc{i}", "source": "pystdlib", "license": "PSF-2.0", "sha256": sha256_bytes(t.encode())})
-    trace.build_index_arrays(np.array(stream, dtype=np.uint16), np.array(offsets), docs, folder / "trace",
-                             eot_id=eng.eot_id, tokenizer_sha256=sha256_file(folder / "tokenizer.json"))
+    build_index_arrays(np.array(stream, dtype=np.uint16), np.array(offsets), docs, Release(folder).trace,
+                       eot_id=eng.eot_id, tokenizer_sha256=sha256_file(Release(folder).tokenizer_json))
     engine, srv = start(folder, max_batch=2)
     try:
         quote = texts[0][:200]
         got = httpx.post(f"{srv.base}/trace", json={"text": quote, "min_tokens": 4}).json()
-        want = trace.Tracer(folder / "trace").trace(quote, min_tokens=4)
+        want = Tracer(Release(folder).trace).trace(quote, min_tokens=4)
         got.pop("elapsed_ms", None)
         want.pop("elapsed_ms", None)
         assert got == json.loads(json.dumps(want))
@@ -584,6 +606,39 @@ def test_trace(client, live, tmp_path):
     finally:
         srv.stop()
         engine.close()
+
+
+def test_one_sampler_everywhere(client, live, random_model):
+    """`glassforge generate`, the terminal chat and the server give the same text for the same prompt,
+    settings and seed: one tokenizer, one decode path, one sampler."""
+    import io
+
+    from glassforge.serve.chat import reply
+    from glassforge.serve.engine import Engine
+    from glassforge.serve.generate import generate
+    from glassforge.tokenizer.bpe import render_chat
+
+    settings = {"temperature": 0.8, "top_p": 0.9, "seed": 7}
+    question = MSGS[0]["content"]
+
+    def completion(prompt: str) -> str:
+        return client.completions.create(model=live.model, prompt=prompt, max_tokens=24, **settings).choices[0].text
+
+    plain = generate(random_model, "import json\n", max_tokens=24, **settings)
+    assert plain and plain == completion("import json\n")
+    assert generate(random_model, "import json\n", max_tokens=24, **{**settings, "seed": 8}) != plain  # it samples
+
+    as_chat = generate(random_model, question, max_tokens=24, chat=True, **settings)
+    engine = Engine(random_model, max_batch=1, compile_decode=False)  # as `glassforge chat` makes it
+    try:
+        out = io.StringIO()
+        said = reply(engine, [{"role": "user", "content": question}], settings["temperature"], 24, out,
+                     top_p=settings["top_p"], seed=settings["seed"])
+    finally:
+        engine.close()
+    served = client.chat.completions.create(model=live.model, messages=MSGS, max_tokens=24, **settings)
+    rendered = render_chat(MSGS, True, live.engine.chat_template)
+    assert as_chat and as_chat == said == out.getvalue() == completion(rendered) == served.choices[0].message.content
 
 
 @pytest.mark.slow

@@ -13,15 +13,13 @@ import json
 import os
 import re
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import LiveServer
 
-from glassforge import web
+from glassforge.serve import web
+from helpers import LiveServer, glassforge_serve, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -33,7 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 def serve_release(engine, api_key: str | None = None, verify: bool = True) -> tuple[LiveServer, dict]:
     """The server `glassforge serve` runs, with the page mounted on it."""
-    from glassforge.serve import create_app
+    from glassforge.serve.app import create_app
 
     app = create_app(engine, api_key=api_key)
     facts = web.mount(app, engine.folder, {"model": app.state.server.model_name, "auth_required": bool(api_key),
@@ -41,13 +39,10 @@ def serve_release(engine, api_key: str | None = None, verify: bool = True) -> tu
     return LiveServer(app), facts
 
 
-def wait_until(page, expression: str, timeout: float = 30.0) -> None:
+def wait_for_js(page, expression: str, timeout: float = 30.0) -> None:
     """Poll a JavaScript expression until it is truthy (page.wait_for_function evaluates strings, which the
     page's Content-Security-Policy rightly forbids; page.evaluate goes through the debugger and is allowed)."""
-    deadline = time.time() + timeout
-    while not page.evaluate(expression):
-        assert time.time() < deadline, f"timed out waiting for: {expression}"
-        time.sleep(0.05)
+    wait_until(lambda: page.evaluate(expression), timeout, f"timed out waiting for: {expression}", interval=0.05)
 
 
 def save_artifact(page, tmp_path: Path, name: str) -> Path:
@@ -110,27 +105,87 @@ def test_public_paths():
     assert not web.is_public_path("/facts") and not web.is_public_path("/v1/chat/completions")
 
 
-def test_markdown_tables_and_eval_rows():
-    md = "# Card\n\n## Sources\n\n| source | licence |\n|---|---:|\n| `a` | MIT |\n| b | PSF-2.0 |\n\ntext\n"
-    (t,) = web.markdown_tables(md)
-    assert t["heading"] == "Sources" and t["columns"] == ["source", "licence"]
-    assert t["rows"] == [{"source": "a", "licence": "MIT"}, {"source": "b", "licence": "PSF-2.0"}]
-    rows = web.eval_rows({"tasks": {"val-loss": {"pystdlib": {"loss": 2.5, "bpb": 1.25}},
-                                    "docmatch": {"n": 40, "accuracy": 0.5, "label": "x"}},
-                          "sft": {"base_val_loss": 3.0, "val_loss": 2.0}})
-    assert {"task": "validation loss (pystdlib)", "metric": "nats/token", "value": "2.500"} in rows
-    assert {"task": "docmatch (n=40)", "metric": "accuracy", "value": "0.500"} in rows
-    assert rows[-1]["value"] == "3.000 → 2.000"
+DATA_SUMMARY = {
+    "sources": [{"name": "pystdlib", "kind": "pystdlib", "license": "PSF-2.0", "weight": 1.0, "seen": 1200,
+                 "kept": 1100, "train": 1000, "val": 100, "bytes_kept": 2345678, "tokens_kept": 456789},
+                {"name": "notes", "kind": "local", "license": "CC0-1.0", "weight": 0.5, "seen": 3, "kept": 3,
+                 "train": 3, "val": 0, "bytes_kept": 999, "tokens_kept": None}],
+    "documents_seen": 1203, "documents_kept": 1103, "train_documents": 1003, "val_documents": 100,
+    "bytes_seen": 2500000, "bytes_kept": 2346677, "dropped": {"too_short": 100}, "reasons": {"too_short": "..."},
+    "order_entries": 2006, "merkle": {"mix": "ab" * 32, "sources": {"pystdlib": "cd" * 32}},
+    "order_sha256": "ef" * 32, "tokenizer_sha256": "01" * 32,
+}
+
+
+def test_facts_come_from_data_summary_and_eval_json(random_model, tmp_path):
+    """The data panel is data_summary.json (columns in the data card's order, a summary sentence from the
+    counts); the evaluation rows are eval.json's through evaluate's results_rows, and without an eval.json
+    there are none."""
+    from glassforge.core.runfolder import Release, Run
+    from glassforge.evaluate.stage import results_rows
+
+    run = Run(tmp_path / "run")
+    shutil.copytree(random_model, run.release, ignore=shutil.ignore_patterns("_tokenizer"))
+    Release(run.release).data_summary.write_text(json.dumps(DATA_SUMMARY))
+    facts = web.collect_facts(run.release, verify=False)
+    table = facts["data"]["sources_table"]
+    assert table["columns"] == ["source", "kind", "licence", "weight", "seen", "kept", "train", "val",
+                                "bytes kept", "tokens kept"]
+    assert table["rows"][0] == {"source": "pystdlib", "kind": "pystdlib", "licence": "PSF-2.0", "weight": "1",
+                                "seen": "1,200", "kept": "1,100", "train": "1,000", "val": "100",
+                                "bytes kept": "2,345,678", "tokens kept": "456,789"}
+    assert table["rows"][1]["weight"] == "0.5" and table["rows"][1]["tokens kept"] == "n/a"
+    assert facts["data"]["summary"] == ("Kept 1,103 of 1,203 documents (1,003 training, 100 validation; "
+                                        "2,346,677 of 2,500,000 bytes).")
+    assert facts["data"]["mix_merkle_root"] == "ab" * 32 and facts["data"]["order_sha256"] == "ef" * 32
+    assert facts["eval"] == {"source": None, "rows": [], "decontamination": {}}
+
+    results = {"tasks": {"val-loss": {"pystdlib": {"loss": 2.5, "bpb": 1.25}},
+                         "docmatch": {"n": 40, "accuracy": 0.5}},
+               "decontamination": {"removed": {"docmatch": 2}}}
+    Release(run.release).eval_results.write_text(json.dumps(results))  # the release carries its eval.json
+    facts = web.collect_facts(run.release, verify=False)
+    assert facts["eval"] == {"source": "eval.json", "rows": results_rows(results),
+                             "decontamination": {"docmatch": 2}}
+    assert facts["eval"]["rows"]
+
+    # a release with neither data_summary.json nor eval.json: no table, no rows, no guesses
+    alone = web.collect_facts(random_model, verify=False)
+    assert "sources_table" not in alone["data"] and "summary" not in alone["data"] and alone["eval"]["rows"] == []
+
+
+def test_the_page_needs_no_key_but_facts_and_the_api_do(random_model):
+    """With an API key, the server's own key check (not a patched one) lets the page and its two files through
+    and nothing else: /facts and the API answer 401 without the key and 200 with it."""
+    from fastapi.testclient import TestClient
+
+    from glassforge.serve.app import create_app
+    from glassforge.serve.engine import Engine
+
+    engine = Engine(random_model, max_batch=2, compile_decode=False)
+    try:
+        app = create_app(engine, api_key="sesame")
+        web.mount(app, random_model, {"model": "random", "auth_required": True}, verify=False)
+        with TestClient(app) as client:
+            for path in ("/", "/static/app.js", "/static/style.css"):
+                assert client.get(path).status_code == 200, path
+            for path in ("/facts", "/v1/models", "/metrics", "/static/index.htm"):
+                assert client.get(path).status_code == 401, path
+            key = {"Authorization": "Bearer sesame"}
+            assert client.get("/facts", headers=key).json()["auth_required"] is True
+            assert client.get("/v1/models", headers=key).status_code == 200
+    finally:
+        engine.close()
 
 
 def test_routes_on_a_folder_without_release_files(random_model):
     """A bare model folder (no manifest, no attestation) still gets a page; its facts say the check failed."""
     from fastapi.testclient import TestClient
 
-    from glassforge.engine import Engine
-    from glassforge.serve import create_app
+    from glassforge.serve.app import create_app
+    from glassforge.serve.engine import Engine
 
-    engine = Engine(random_model, max_batch=2)
+    engine = Engine(random_model, max_batch=2, compile_decode=False)
     try:
         app = create_app(engine)
         facts = web.mount(app, random_model, {"model": "random"})
@@ -159,10 +214,10 @@ def test_facts_of_a_real_release(tiny_run):
     assert v["passed"], v["failed"]
     assert v["total"] >= 5 and all(c["ok"] for c in v["claims"])
     assert facts["recipe"]["name"] == "tiny" and facts["recipe"]["model"]["d_model"] == 96
-    assert facts["eval"]["rows"] and facts["eval"]["source"] == "eval/eval.json"
+    assert facts["eval"]["rows"] and facts["eval"]["source"] == "eval.json"
     assert facts["training"]["pretrain"]["steps"] == 60 and "sft" in facts["training"]
     assert facts["loss_curves"] and facts["loss_curves"][0]["src"].startswith("data:image/png;base64,")
-    assert facts["data"]["sources_table"]["rows"]
+    assert facts["data"]["sources_table"]["rows"] and facts["data"]["summary"].startswith("Kept ")
     assert facts["attestation"]["weights_sha256"]
     assert facts["trace_available"] == (tiny_run / "release" / "trace" / "index.json").is_file()
 
@@ -172,7 +227,10 @@ def test_facts_report_a_changed_file(tiny_run, tmp_path):
     release = tmp_path / "release"
     shutil.copytree(tiny_run / "release", release)
     (release / "generation_config.json").write_text("{}\n")
-    v = web.check_release(release)
+    from glassforge.release.verify import check_summary
+
+    v = check_summary(release)
+    assert v["not_checked"]["replay"].endswith("--replay all")  # what a start-up check leaves to the user
     assert not v["passed"]
     assert any(f["name"] == "file generation_config.json" and "changed" in f["reason"] for f in v["failed"])
 
@@ -190,37 +248,13 @@ def test_mount_twice_merges_facts(random_model):
 @pytest.mark.slow
 def test_glassforge_serve_serves_the_page(tiny_run):
     """`glassforge serve` itself: the page, its files and /facts, with the API key guarding /facts only."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "GLASSFORGE_API_KEY": "sesame"}
-    proc = subprocess.Popen([sys.executable, "-m", "glassforge", "serve", str(tiny_run), "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    root = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(root + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "glassforge serve did not start"
-            time.sleep(0.2)
+    with glassforge_serve(tiny_run, env={"GLASSFORGE_API_KEY": "sesame"}) as root:
         page = httpx.get(root + "/")
         assert page.status_code == 200 and "/static/app.js" in page.text
         assert httpx.get(root + "/static/app.js").status_code == 200
         assert httpx.get(root + "/facts").status_code == 401
         facts = httpx.get(root + "/facts", headers={"Authorization": "Bearer sesame"}).json()
         assert facts["verification"]["passed"] and facts["auth_required"] is True
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 # ------------------------------------------------------------------------------------ browser
@@ -228,8 +262,8 @@ def test_glassforge_serve_serves_the_page(tiny_run):
 
 def _training_excerpt(run: Path) -> tuple[str, str]:
     """(document id, a passage of it) from a training document, to trace through the page."""
-    from glassforge.data import iter_documents
-    from glassforge.runfolder import Run
+    from glassforge.core.runfolder import Run
+    from glassforge.data.documents import iter_documents
 
     for doc in iter_documents(Run.open(run), "train"):
         text = doc["text"]
@@ -242,21 +276,22 @@ def _training_excerpt(run: Path) -> tuple[str, str]:
 @pytest.mark.slow
 def test_page_end_to_end(tiny_run, page, tmp_path):
     """Ask a question, watch the answer stream in, open its trace, trace a training passage, read the facts."""
-    from glassforge.engine import Engine
+    from glassforge.serve.engine import Engine
 
-    engine = Engine(tiny_run, max_batch=4)
+    engine = Engine(tiny_run, max_batch=4, compile_decode=False)
     srv, facts = serve_release(engine)
     try:
         assert facts["verification"]["passed"], facts["verification"]["failed"]
         page.goto(srv.root + "/")
         page.wait_for_selector("#verify-badge.ok")
-        assert "checks out" in page.inner_text("#verify-badge")
+        badge = page.inner_text("#verify-badge")
+        assert "check out" in badge and "replay not run" in badge  # what was checked, and what was not
         # Model facts: recipe, evaluation table, loss curves (loaded images).
         facts_panel = page.locator("#facts")
         assert facts_panel.is_visible()
         assert "tiny" in facts_panel.inner_text() and "Evaluation" in facts_panel.inner_text()
         assert page.locator("#facts table").count() >= 3
-        wait_until(page, "[...document.querySelectorAll('#facts img')].length > 0 && "
+        wait_for_js(page, "[...document.querySelectorAll('#facts img')].length > 0 && "
                          "[...document.querySelectorAll('#facts img')].every(i => i.complete && i.naturalWidth > 0)")
 
         # Keyboard only: focus is in the message box; type and press Enter.
@@ -340,7 +375,7 @@ def test_page_end_to_end(tiny_run, page, tmp_path):
 
 @pytest.mark.slow
 def test_report_renders_with_plots(tiny_run, page, tmp_path):
-    from glassforge.report import write_report
+    from glassforge.tools.report import write_report
 
     out = write_report(tiny_run, tmp_path / "report.html")
     text = out.read_text()
@@ -350,7 +385,7 @@ def test_report_renders_with_plots(tiny_run, page, tmp_path):
     page.goto(out.as_uri())
     for heading in ("Training", "Data", "Evaluation", "Attestation"):
         assert page.locator(f"h2:text-is('{heading}')").count() == 1
-    wait_until(page, "[...document.images].every(i => i.complete)")
+    wait_for_js(page, "[...document.images].every(i => i.complete)")
     sizes = page.evaluate("[...document.images].map(i => [i.alt, i.naturalWidth, i.naturalHeight])")
     alts = [a for a, _, _ in sizes]
     assert all(w > 0 and h > 0 for _, w, h in sizes), sizes
@@ -393,7 +428,7 @@ def test_stop_button_ends_a_stream(random_model, page):
         page.goto(srv.root + "/")
         page.fill("#message", "Count slowly")
         page.click("#send")
-        wait_until(page, "Number(document.querySelector('li.assistant').dataset.chunks) >= 3")
+        wait_for_js(page, "Number(document.querySelector('li.assistant').dataset.chunks) >= 3")
         assert page.locator("#stop").is_enabled()
         page.keyboard.press("Escape")
         page.wait_for_selector("li.assistant[data-state=stopped]")
@@ -401,22 +436,16 @@ def test_stop_button_ends_a_stream(random_model, page):
         assert content.startswith("w0 w1 w2") and "w199" not in content
         assert "Stopped" in page.locator("li.assistant .note").inner_text()
         assert seen["body"]["stream"] is True and seen["body"]["max_tokens"] >= 1
-        deadline = time.time() + 5
-        while not seen["cancelled"] and time.time() < deadline:
-            time.sleep(0.05)
-        assert seen["cancelled"], "the server kept streaming after Stop"
+        wait_until(lambda: seen["cancelled"], 5, "the server kept streaming after Stop", interval=0.05)
     finally:
         srv.stop()
 
 
-def test_api_key_field(random_model, page, monkeypatch):
+def test_api_key_field(random_model, page):
     """With --api-key the page asks for the key, keeps it in the browser and sends it as a Bearer token."""
-    from glassforge import serve
-    from glassforge.engine import Engine
+    from glassforge.serve.engine import Engine
 
-    # Until serve.py's key check asks web.is_public_path, let the page itself through here.
-    monkeypatch.setattr(serve, "PUBLIC_PATHS", serve.PUBLIC_PATHS | {"/", "/static/app.js", "/static/style.css"})
-    engine = Engine(random_model, max_batch=2)
+    engine = Engine(random_model, max_batch=2, compile_decode=False)
     srv, _ = serve_release(engine, api_key="sesame", verify=False)
     try:
         assert httpx.get(srv.root + "/facts").status_code == 401

@@ -436,13 +436,14 @@ function renderBadge(v) {
   badge.classList.remove("pending", "ok", "bad");
   if (!v) { badge.textContent = "release not checked"; badge.classList.add("pending"); return; }
   if (v.passed) {
-    badge.textContent = `release checks out (${v.passed_count}/${v.total})`;
+    badge.textContent = `hashes and attestation check out (${v.passed_count}/${v.total}); replay not run`;
     badge.classList.add("ok");
   } else {
     badge.textContent = `release check FAILED (${v.total - v.passed_count} of ${v.total})`;
     badge.classList.add("bad");
   }
-  badge.title = `Checked at server start, ${v.checked_at}: ${v.how}`;
+  const left = Object.values(v.not_checked || {}).join("; ");
+  badge.title = `Checked at server start, ${v.checked_at}: ${v.how}.` + (left ? ` Not checked: ${left}.` : "");
 }
 
 function renderFacts(f) {
@@ -469,6 +470,13 @@ function renderFacts(f) {
     det.appendChild(ul);
     if (!v.passed) det.open = true;
     body.appendChild(det);
+    const notChecked = Object.entries(v.not_checked || {});
+    if (notChecked.length) {
+      body.appendChild(el("p", "Not checked at start (each takes minutes; run them yourself):"));
+      const todo = el("ul", null, "claims");
+      for (const [what, how] of notChecked) todo.appendChild(el("li", `${what}: ${how}`));
+      body.appendChild(todo);
+    }
   } else {
     body.appendChild(el("p", "The server was started without checking the release."));
   }

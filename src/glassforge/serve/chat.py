@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from glassforge.engine import Engine, Event, SamplingParams
+from glassforge.serve.engine import Engine
+from glassforge.serve.types import Event, SamplingParams
+from glassforge.tokenizer.bpe import render_chat
 
 
 def fit_conversation(engine: Engine, messages: list[dict], max_tokens: int) -> tuple[list[dict], list[int]]:
     """Drop the oldest non-system turns until prompt + max_tokens fits; return them and the prompt ids."""
-    from glassforge.tokenizer import render_chat
-
     messages = list(messages)
     while True:
         ids = engine.encode(render_chat(messages, True, engine.chat_template))
@@ -32,13 +32,15 @@ def fit_conversation(engine: Engine, messages: list[dict], max_tokens: int) -> t
         del messages[drop]
 
 
-def reply(engine: Engine, messages: list[dict], temperature: float, max_tokens: int, out: IO[str]) -> str:
-    """Stream one assistant reply to out; return its text."""
+def reply(engine: Engine, messages: list[dict], temperature: float, max_tokens: int, out: IO[str], *,
+          top_p: float = 1.0, seed: int | None = None) -> str:
+    """Stream one assistant reply to out; return its text (the same as the server's for the same settings)."""
     max_tokens = max(1, min(max_tokens, engine.max_context - 1))
     messages[:], ids = fit_conversation(engine, messages, max_tokens)
     max_tokens = min(max_tokens, engine.max_context - len(ids))
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     q: queue.SimpleQueue[Event] = queue.SimpleQueue()
-    seqs = engine.submit([(0, ids, SamplingParams(max_tokens=max_tokens, temperature=temperature))], q.put)
+    seqs = engine.submit([(0, ids, params)], q.put)
     text = ""
     try:
         while True:

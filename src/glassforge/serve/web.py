@@ -14,10 +14,14 @@ Why it is built this way:
 - The page talks to the server only through the public API (streamed
   `POST /v1/chat/completions`, `POST /v1/trace`) plus `/facts`, so what it
   shows is what any client can check.
-- `/facts` is computed once, when the server starts: the release's data card,
-  recipe, training log, evaluation and attestation are read from disk, and
-  every file hash and attestation claim is checked with
-  `glassforge.verify.verify_release` (hashes only, never a training replay).
+- `/facts` is computed once, when the server starts: the release's data
+  summary, recipe, training log, evaluation and attestation are read from
+  disk, and every file hash and attestation claim is checked with
+  `glassforge.release.verify.verify_release` (hashes only, never a training
+  replay). The data figures come from `data_summary.json`, the JSON the data
+  card is rendered from, and the evaluation rows from eval.json through the
+  same `results_rows` as the model card's table: nothing is parsed back out
+  of Markdown, so a card's wording can change without the page breaking.
   The answer embeds the loss curves as PNG data URIs, so `<img>` tags need no
   second request (which could not carry the API key's Authorization header).
 - The page and its two static files are safe to serve without the API key
@@ -27,14 +31,18 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import base64
 import json
-import re
-import time
 from pathlib import Path
 from typing import Any
 
-from glassforge.errors import UserError
+from glassforge.core.errors import UserError
+from glassforge.core.recipe import parse_recipe
+from glassforge.core.runfolder import Release, resolve_release
+from glassforge.core.templates import png_data_uri
+from glassforge.evaluate.stage import results_rows
+from glassforge.release.attest import attestation_summary
+from glassforge.release.verify import check_summary
+from glassforge.train.metrics import read_metrics
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: The files under /static/, with their media types; nothing else is served from there.
@@ -43,8 +51,8 @@ STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/c
 #: Content-Security-Policy of the page: only this server's own script, styles and data: images.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-#: The longest data card / model card we read (they are generated and small; this bounds a hostile one).
-MAX_CARD_BYTES = 1 << 20
+#: The longest text file we read to show (recipe.toml: generated and small; this bounds a hostile one).
+MAX_TEXT_BYTES = 1 << 20
 
 
 def is_public_path(path: str) -> bool:
@@ -66,106 +74,42 @@ def _read_json(path: Path) -> dict | None:
 def _read_text(path: Path) -> str | None:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read(MAX_CARD_BYTES)
+            return f.read(MAX_TEXT_BYTES)
     except (FileNotFoundError, IsADirectoryError):
         return None
 
 
-def png_data_uri(path: Path) -> str | None:
-    """A PNG file as a `data:image/png;base64,...` URI, or None when it is missing or not a PNG."""
-    try:
-        data = path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
-        return None
-    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return None
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+#: The sources table of the page: its column headings, in the data card's order, and the summary's fields.
+SOURCE_COLUMNS = (("source", "name"), ("kind", "kind"), ("licence", "license"), ("weight", "weight"),
+                  ("seen", "seen"), ("kept", "kept"), ("train", "train"), ("val", "val"),
+                  ("bytes kept", "bytes_kept"), ("tokens kept", "tokens_kept"))
 
 
-def markdown_tables(text: str) -> list[dict]:
-    """Each pipe table of a markdown text: {"heading", "columns", "rows"}, heading being the last `#` line above it."""
-    tables: list[dict] = []
-    heading = ""
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i].strip()
-        if line.startswith("#"):
-            heading = line.lstrip("#").strip()
-        if line.startswith("|") and i + 1 < len(lines) and re.fullmatch(r"\|?[\s:|-]+\|?", lines[i + 1].strip()) \
-                and "-" in lines[i + 1]:
-            columns = _cells(line)
-            rows = []
-            i += 2
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                cells = _cells(lines[i].strip())
-                rows.append(dict(zip(columns, cells + [""] * (len(columns) - len(cells)))))
-                i += 1
-            tables.append({"heading": heading, "columns": columns, "rows": rows})
-            continue
-        i += 1
-    return tables
-
-
-def _cells(line: str) -> list[str]:
-    inner = line.strip()
-    if inner.startswith("|"):
-        inner = inner[1:]
-    if inner.endswith("|"):
-        inner = inner[:-1]
-    return [c.strip().strip("`") for c in inner.split("|")]
-
-
-def eval_rows(results: dict) -> list[dict]:
-    """eval.json as table rows {task, metric, value} (the same rows as the model card's table)."""
-    rows: list[dict] = []
-    for task, r in (results.get("tasks") or {}).items():
-        if not isinstance(r, dict):
-            continue
-        if task.startswith("val-loss"):
-            which = " (base model)" if "base" in task else ""
-            for source, v in r.items():
-                if isinstance(v, dict) and "loss" in v:
-                    rows.append({"task": f"validation loss{which} ({source})", "metric": "nats/token",
-                                 "value": f"{v['loss']:.3f}"})
-                    if v.get("bpb") is not None:
-                        rows.append({"task": f"validation loss{which} ({source})", "metric": "bits/byte",
-                                     "value": f"{v['bpb']:.3f}"})
-        else:
-            for k, v in r.items():
-                if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    label = f"{task} (n={r['n']})" if "n" in r else task
-                    rows.append({"task": label, "metric": k, "value": f"{v:.3f}"})
-    sft = results.get("sft") or {}
-    if sft.get("base_val_loss") is not None and sft.get("val_loss") is not None:
-        rows.append({"task": "held-out conversations", "metric": "assistant-token loss, base → fine-tuned",
-                     "value": f"{sft['base_val_loss']:.3f} → {sft['val_loss']:.3f}"})
-    return rows
+def _count(n) -> str:
+    """A figure as the data card prints it: 12,345; n/a when unknown."""
+    if isinstance(n, bool) or n is None:
+        return "n/a" if n is None else str(n)
+    if isinstance(n, int):
+        return f"{n:,}"
+    return f"{n:g}" if isinstance(n, float) else str(n)
 
 
 def _eval_facts(release: Path) -> dict:
-    """The evaluation table: the run's eval/eval.json beside the release, else the model card's table."""
-    results = _read_json(release.parent / "eval" / "eval.json")
-    if results is not None:
-        return {"source": "eval/eval.json", "rows": eval_rows(results),
-                "decontamination": (results.get("decontamination") or {}).get("removed") or {}}
-    card = _read_text(release / "README.md") or ""
-    for table in markdown_tables(card):
-        if table["heading"].lower().startswith("evaluation"):
-            rows = [{"task": r.get("task", ""), "metric": r.get("metric", ""), "value": r.get("value", "")}
-                    for r in table["rows"]]
-            return {"source": "README.md (model card)", "rows": rows, "decontamination": {}}
-    return {"source": None, "rows": [], "decontamination": {}}
+    """The evaluation table from the release's eval.json; no rows when there is none."""
+    path = Release(release).eval_results
+    results = _read_json(path)
+    if results is None:
+        return {"source": None, "rows": [], "decontamination": {}}
+    return {"source": path.name, "rows": results_rows(results),
+            "decontamination": (results.get("decontamination") or {}).get("removed") or {}}
 
 
 def _recipe_facts(release: Path) -> dict | None:
-    from glassforge.recipe import parse_recipe
-
-    path = release / "recipe.toml"
+    path = Release(release).recipe
     if not path.is_file():
         return None
     try:
-        r = parse_recipe(path.read_bytes(), "recipe.toml")
+        r = parse_recipe(path.read_bytes(), path.name)
     except UserError as e:
         return {"error": str(e)}
 
@@ -189,10 +133,8 @@ def _recipe_facts(release: Path) -> dict | None:
 
 def _training_facts(release: Path) -> dict:
     """Per stage: steps, tokens and the last train and validation loss in the release's metrics.jsonl."""
-    from glassforge.train import read_metrics
-
     out: dict[str, dict] = {}
-    for row in read_metrics(release / "metrics.jsonl"):
+    for row in read_metrics(Release(release).metrics):
         if not isinstance(row, dict) or "step" not in row:
             continue
         s = out.setdefault(row.get("stage", "pretrain"), {"steps": 0})
@@ -204,83 +146,50 @@ def _training_facts(release: Path) -> dict:
 
 
 def _data_facts(release: Path, pred: dict) -> dict:
-    card = _read_text(release / "DATA_CARD.md")
-    out: dict[str, Any] = {"card": card is not None}
-    if card:
-        tables = markdown_tables(card)
-        sources = next((t for t in tables if t["heading"].lower().startswith("source")), tables[0] if tables else None)
-        if sources:
-            out["sources_table"] = {"columns": sources["columns"], "rows": sources["rows"]}
-        kept = re.search(r"^Kept .*$", card, re.M)
-        if kept:
-            out["summary"] = kept.group(0).replace("**", "")
+    """The training data: the release's data_summary.json (sources table, counts) and the attested hashes."""
+    files = Release(release)
+    summary = _read_json(files.data_summary)
+    out: dict[str, Any] = {"card": files.data_card.is_file()}
+    if summary is not None:
+        rows = [{column: _count(source.get(key)) for column, key in SOURCE_COLUMNS}
+                for source in summary.get("sources") or [] if isinstance(source, dict)]
+        out["sources_table"] = {"columns": [column for column, _ in SOURCE_COLUMNS], "rows": rows}
+        n = {k: _count(summary.get(k)) for k in ("documents_kept", "documents_seen", "train_documents",
+                                                 "val_documents", "bytes_kept", "bytes_seen")}
+        out["summary"] = (f"Kept {n['documents_kept']} of {n['documents_seen']} documents ({n['train_documents']} "
+                          f"training, {n['val_documents']} validation; {n['bytes_kept']} of {n['bytes_seen']} bytes).")
     data = pred.get("data") or {}
-    out.update({"mix_merkle_root": data.get("mix_merkle_root"), "order_sha256": data.get("order_sha256"),
+    merkle = (summary or {}).get("merkle") or {}
+    out.update({"mix_merkle_root": data.get("mix_merkle_root") or merkle.get("mix"),
+                "order_sha256": data.get("order_sha256") or (summary or {}).get("order_sha256"),
                 "train_tokens": data.get("train_tokens"), "train_order_entries": data.get("train_order_entries")})
-    index = _read_json(release / "trace" / "index.json")
+    index = _read_json(files.trace_index)
     if index:
         out["trace_index"] = {"tokens": index.get("tokens"), "documents": index.get("documents")}
     return out
 
 
 def _attestation_facts(release: Path) -> dict | None:
-    stmt = _read_json(release / "attestation.json")
-    if stmt is None:
+    summary = attestation_summary(release)
+    if summary is None:
         return None
-    pred = stmt.get("predicate") or {}
-    subject = (stmt.get("subject") or [{}])[0]
-    code = pred.get("code") or {}
-    return {
-        "subject": subject.get("name"), "weights_sha256": (subject.get("digest") or {}).get("sha256"),
-        "predicate_type": stmt.get("predicateType"),
-        "recipe_sha256": (pred.get("recipe") or {}).get("sha256"),
-        "tokenizer_sha256": (pred.get("tokenizer") or {}).get("sha256"),
-        "code": {"version": code.get("version"), "git_commit": code.get("git_commit"), "git_dirty": code.get("git_dirty")},
-        "platform": pred.get("platform"),
-        "training": pred.get("training"),
-        "checkpoints": len(pred.get("checkpoints") or []),
-        "trace_index_sha256": (pred.get("trace_index") or {}).get("sha256"),
-        "signed": (release / "attestation.dsse.json").is_file(),
-    }
-
-
-def check_release(release: Path) -> dict:
-    """Every file hash and attestation claim of the release (no replay): {"passed", "passed_count", "total", "failed", ...}."""
-    from glassforge.verify import verify_release
-
-    t0 = time.perf_counter()
-    try:
-        claims = verify_release(Path(release))
-    except UserError as e:
-        claims = [("release", False, str(e))]
-    except Exception as e:  # noqa: BLE001 - a check that crashes is a check that did not pass; say why
-        claims = [("release", False, f"the check itself failed: {type(e).__name__}: {e}")]
-    failed = [{"name": n, "reason": r} for n, ok, r in claims if not ok]
-    return {
-        "passed": not failed and bool(claims),
-        "passed_count": len(claims) - len(failed),
-        "total": len(claims),
-        "failed": failed,
-        "claims": [{"name": n, "ok": bool(ok), "reason": r} for n, ok, r in claims],
-        "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "how": "file hashes and attestation claims (glassforge verify without --replay)",
-    }
+    keep = ("subject", "weights_sha256", "predicate_type", "recipe_sha256", "tokenizer_sha256", "code", "platform",
+            "training", "checkpoints", "trace_index_sha256", "signed")
+    return {k: summary[k] for k in keep}
 
 
 def collect_facts(release_dir: Path | str, verify: bool = True) -> dict:
     """Everything the "model facts" panel shows, read from a release folder (or a run folder holding one)."""
-    from glassforge.generate import resolve_release
-
     release = resolve_release(release_dir)
-    config = _read_json(release / "config.json") or {}
-    stmt = _read_json(release / "attestation.json") or {}
+    files = Release(release)
+    config = _read_json(files.config) or {}
+    stmt = _read_json(files.attestation) or {}
     pred = stmt.get("predicate") or {}
     curves = []
-    for name, title in (("loss.png", "pretraining"), ("sft_loss.png", "chat fine-tuning")):
-        uri = png_data_uri(release / name)
+    for stage, title in (("pretrain", "pretraining"), ("sft", "chat fine-tuning")):
+        uri = png_data_uri(files.loss_plot(stage))
         if uri:
-            curves.append({"title": title, "file": name, "src": uri})
+            curves.append({"title": title, "file": files.loss_plot(stage).name, "src": uri})
     return {
         "model": release.parent.name if release.name == "release" else release.name,
         "config": {k: config.get(k) for k in ("architectures", "hidden_size", "num_hidden_layers",
@@ -292,8 +201,8 @@ def collect_facts(release_dir: Path | str, verify: bool = True) -> dict:
         "eval": _eval_facts(release),
         "attestation": _attestation_facts(release),
         "loss_curves": curves,
-        "trace_available": (release / "trace" / "index.json").is_file(),
-        "verification": check_release(release) if verify else None,
+        "trace_available": files.trace_index.is_file(),
+        "verification": check_summary(release) if verify else None,
     }
 
 
@@ -349,5 +258,4 @@ def mount(app, release_dir: Path | str, facts: dict | None = None, verify: bool 
     return served
 
 
-__all__ = ["mount", "collect_facts", "check_release", "is_public_path", "eval_rows", "markdown_tables",
-           "png_data_uri", "STATIC_DIR", "STATIC_FILES"]
+__all__ = ["mount", "collect_facts", "is_public_path", "STATIC_DIR", "STATIC_FILES"]

@@ -1,0 +1,228 @@
+"""`glassforge serve`: an OpenAI-compatible HTTP API over the engine (FastAPI + uvicorn).
+
+Routes (routes/): `GET /v1/models`, `POST /v1/completions`,
+`POST /v1/chat/completions`, `POST /v1/embeddings` (openai.py),
+`POST /v1/trace` (trace.py), the tokenizer routes that lm-evaluation-harness
+probes, `/tokenize`, `/detokenize`, `/tokenizer_info` (tokenizer.py), and
+`GET /health` and `GET /metrics` in Prometheus's text format (ops.py); the web
+page (web.py) is mounted beside them by `serve`. The wire format is
+protocol.py's, the logic the routes share (context check, streams, the queue)
+serving.py's.
+
+This module wires them together, with what holds for every route:
+
+- Errors are OpenAI's `{"error": {message, type, param, code}}` whatever raised
+  them: an `APIError`, pydantic's validation (a 400 naming the parameter; a
+  body that is not JSON at all is a 422), an unknown route (404), or a bug
+  (500, its details only in the server's terminal).
+- `Guard`, a pure ASGI middleware so streams pass through untouched, bounds the
+  request body (413), counts every request for /metrics, and checks the API
+  key: with one, every route but `/health`, the schema (`/openapi.json`,
+  `/docs`) and the page's own files needs `Authorization: Bearer KEY`,
+  compared in constant time; the Host header plays no part. Without a key any
+  key is accepted (the openai client refuses to start without one).
+- `serve` binds 127.0.0.1 unless told otherwise, and checks the port before
+  loading the model, so a taken port fails in a second, not after the load.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from glassforge import __version__
+from glassforge.core.errors import UserError
+from glassforge.serve.engine import Engine
+from glassforge.serve.metrics import Metrics, route_label
+from glassforge.serve.protocol import APIError, error_body
+from glassforge.serve.routes import openai, ops, tokenizer, trace
+from glassforge.serve.serving import Server, stream_interval_seconds
+from glassforge.serve.web import is_public_path, mount
+
+MAX_BODY_BYTES = 8 << 20
+PUBLIC_PATHS = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+class Guard:
+    """Pure ASGI middleware: body size, API key, request metrics (streams pass through untouched)."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics, max_body: int):
+        self.app, self.api_key, self.metrics, self.max_body = app, api_key, metrics, max_body
+
+    async def _send_error(self, send, status: int, body: dict, headers: list | None = None):
+        data = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(data)).encode())] + (headers or [])})
+        await send({"type": "http.response.body", "body": data})
+
+    def _authorised(self, path: str, headers: dict[str, str]) -> bool:
+        if not self.api_key or path in PUBLIC_PATHS or is_public_path(path):
+            return True
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        started = time.perf_counter()
+        status_box = [500]
+
+        async def send_wrapped(message):
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+            await send(message)
+
+        self.metrics.in_flight += 1
+        try:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            if not self._authorised(path, headers):
+                status_box[0] = 401
+                return await self._send_error(send, 401, error_body(
+                    "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
+                    "invalid_request_error", None, "invalid_api_key"),
+                    [(b"www-authenticate", b"Bearer")])
+            length = headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                status_box[0] = 413
+                return await self._send_error(send, 413, error_body(
+                    f"request body larger than {self.max_body} bytes", "invalid_request_error", None,
+                    "request_too_large"))
+            seen = [0]
+
+            async def receive_limited():
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen[0] += len(message.get("body", b""))
+                    if seen[0] > self.max_body:
+                        raise APIError(413, f"request body larger than {self.max_body} bytes",
+                                       code="request_too_large")
+                return message
+
+            await self.app(scope, receive_limited, send_wrapped)
+        finally:
+            self.metrics.in_flight -= 1
+            self.metrics.record(route_label(path), status_box[0], time.perf_counter() - started)
+
+
+async def api_error(request: Request, e: APIError) -> JSONResponse:
+    return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+
+async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    """pydantic's errors as OpenAI's 400s naming the parameter; a body that is not a JSON object is a 422."""
+    errors = e.errors()
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    where = ".".join(loc)
+    kind = first.get("type", "")
+    if kind == "json_invalid" or (not loc and kind in ("model_attributes_type", "dict_type")):
+        return error_response(422, f"the request body is not a JSON object: {first.get('msg', '')}",
+                              code="invalid_json")
+    if kind == "extra_forbidden":
+        return error_response(400, f"Unsupported parameter: '{where}' is not supported by this server.",
+                              param=where, code="unsupported_parameter")
+    if kind == "missing":
+        return error_response(400, f"Missing required parameter: '{where}'.", param=where,
+                              code="missing_required_parameter")
+    return error_response(400, f"Invalid value for '{where or 'body'}': {first.get('msg', 'invalid')}",
+                          param=where or None, code="invalid_value")
+
+
+async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+    msg = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+    return error_response(e.status_code, msg, kind, None, None, getattr(e, "headers", None))
+
+
+async def internal_error(request: Request, e: Exception) -> JSONResponse:
+    print(f"glassforge serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+    return error_response(500, "internal server error", "server_error")
+
+
+def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None,
+               max_body: int = MAX_BODY_BYTES, stream_interval_ms: float | None = None) -> FastAPI:
+    """The FastAPI app over a running engine (the caller owns the engine's lifetime)."""
+    if model_name is None:  # a release/ folder is named after its run folder
+        folder = engine.folder
+        model_name = folder.parent.name if folder.name == "release" else folder.name
+    app = FastAPI(title="glassforge", version=__version__,
+                  description="OpenAI-compatible API over a glassforge release.")
+    server = Server(engine, model_name, stream_interval_seconds(stream_interval_ms))
+    app.state.server = server
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    for api in (ops, openai, tokenizer, trace):
+        app.include_router(api.router)
+    app.add_middleware(Guard, api_key=api_key, metrics=server.metrics, max_body=max_body)
+    return app
+
+
+def banner_text(host: str, port: int, model: str, api_key: str | None) -> str:
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, f"[{host}]" if ":" in host else host)
+    url = f"http://{shown}:{port}/v1"
+    key = "$GLASSFORGE_API_KEY" if api_key else "none"
+    auth = ' -H "Authorization: Bearer $GLASSFORGE_API_KEY"' if api_key else ""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
+    return "\n".join([
+        f"glassforge: serving '{model}' at {url}",
+        f"  web chat (see where answers come from): http://{shown}:{port}/",
+        "",
+        "  curl:",
+        f"    curl {url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
+        "",
+        "  python (pip install openai):",
+        "    from openai import OpenAI",
+        f"    client = OpenAI(base_url=\"{url}\", api_key=\"{key}\")",
+        f"    print(client.chat.completions.create(model=\"{model}\", "
+        "messages=[{\"role\": \"user\", \"content\": \"Hello!\"}]).choices[0].message.content)",
+        "",
+        "  Ctrl-C stops the server.",
+    ])
+
+
+def serve(run: Path | str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 16, max_context: int | None = None, banner: bool = False,
+          max_queue: int | None = None, decode_weights: str | None = None,
+          stream_interval_ms: float | None = None) -> None:
+    """Load the release and serve the API and the web page until interrupted."""
+    import uvicorn
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: must be 0..65535")
+    stream_interval_ms = stream_interval_seconds(stream_interval_ms) * 1000  # a bad value fails before loading
+    try:  # fail before loading the model if the address is taken
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    engine = Engine(run, max_batch=max_batch, max_context=max_context, max_queue=max_queue,
+                    decode_weights=decode_weights)
+    app = create_app(engine, api_key=api_key, stream_interval_ms=stream_interval_ms)
+    model = app.state.server.model_name
+    mount(app, engine.folder, {"model": model, "auth_required": bool(api_key), "max_context": engine.max_context})
+    if banner:
+        print(banner_text(host, port, model, api_key), flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        engine.close()

@@ -1,0 +1,101 @@
+"""What `GET /metrics` reports, in Prometheus's text format: requests, latencies, tokens, the engine's queue.
+
+Counted by hand rather than with prometheus_client: a dozen series do not need
+a dependency, and the engine's own counters (`Engine.stats`) are read as they
+are at scrape time. Requests are labelled by route only for the routes named
+in ROUTE_LABELS; any other path counts as "other", so a client probing random
+paths cannot grow the number of series without bound.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from glassforge.serve.engine import Engine
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ROUTE_LABELS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/trace",
+                "/tokenize", "/detokenize", "/tokenizer_info", "/health", "/metrics", "/openapi.json"}
+
+
+def route_label(path: str) -> str:
+    return path if path in ROUTE_LABELS else "other"
+
+
+class Histogram:
+    def __init__(self):
+        self.counts = [0] * len(LATENCY_BUCKETS)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        for i, b in enumerate(LATENCY_BUCKETS):
+            if v <= b:
+                self.counts[i] += 1
+        self.total += 1
+        self.sum += v
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        sep = "," if labels else ""
+        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(LATENCY_BUCKETS, self.counts)]
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.total}')
+        lab = f"{{{labels}}}" if labels else ""
+        out += [f"{name}_sum{lab} {self.sum:.6f}", f"{name}_count{lab} {self.total}"]
+        return out
+
+
+def _counter(name: str, kind: str, help_: str, value) -> list[str]:
+    return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+
+
+class Metrics:
+    """The server's own counters; the HTTP middleware records every request here."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, Histogram] = {}
+        self.ttft = Histogram()
+        self.in_flight = 0
+
+    def record(self, route: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+            self.latency.setdefault(route, Histogram()).observe(seconds)
+
+    def observe_ttft(self, seqs) -> None:
+        """Time to first token of each sequence that produced one."""
+        with self.lock:
+            for s in seqs:
+                if s.first_token_at is not None:
+                    self.ttft.observe(s.first_token_at - s.submitted)
+
+    def render(self, engine: Engine) -> str:
+        s = engine.stats
+        lines = [
+            "# HELP glassforge_requests_total HTTP requests by route and status.",
+            "# TYPE glassforge_requests_total counter",
+        ]
+        with self.lock:
+            for (path, status), n in sorted(self.requests.items()):
+                lines.append(f'glassforge_requests_total{{route="{path}",status="{status}"}} {n}')
+            lines += ["# HELP glassforge_request_duration_seconds Time from request to the last byte of the answer.",
+                      "# TYPE glassforge_request_duration_seconds histogram"]
+            for path, h in sorted(self.latency.items()):
+                lines += h.lines("glassforge_request_duration_seconds", f'route="{path}"')
+            lines += ["# HELP glassforge_time_to_first_token_seconds Time from submission to the first token.",
+                      "# TYPE glassforge_time_to_first_token_seconds histogram"]
+            lines += self.ttft.lines("glassforge_time_to_first_token_seconds")
+        for name, kind, help_, value in (
+                ("glassforge_prompt_tokens_total", "counter", "Prompt tokens prefilled.", s["prompt_tokens"]),
+                ("glassforge_generation_tokens_total", "counter", "Tokens generated.", s["completion_tokens"]),
+                ("glassforge_queue_depth", "gauge", "Sequences waiting for a cache slot.", engine.queue_depth),
+                ("glassforge_running_sequences", "gauge", "Sequences in the running batch.", engine.batch_size),
+                ("glassforge_requests_in_flight", "gauge", "HTTP requests being answered.", self.in_flight),
+                ("glassforge_decode_steps_total", "counter", "Batched decode steps run.", s["decode_steps"]),
+                ("glassforge_rejected_total", "counter", "Sequences refused because the queue was full.",
+                 s["rejected"]),
+                ("glassforge_cancelled_total", "counter", "Sequences cancelled by a client disconnect.",
+                 s["cancelled"])):
+            lines += _counter(name, kind, help_, value)
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,174 @@
+"""The OpenAI-compatible API's wire format: request bodies (pydantic), error bodies, log-probability shapes.
+
+Choices that clients depend on:
+
+- Request bodies are pydantic models with `extra="forbid"`: a parameter we do
+  not implement (tools, suffix, audio, ...) is a 400 that names it, never
+  silently ignored. Wrong types or out-of-range values are 400s naming the
+  parameter too, as OpenAI answers them (app.py turns pydantic's errors into
+  those); only a body that is not JSON at all is a 422.
+- Every error body is OpenAI's `{"error": {message, type, param, code}}`; an
+  `APIError` raised anywhere below a route becomes one with its status.
+- Completions log-probs are the legacy shape (`tokens`, `token_logprobs`,
+  `top_logprobs`, `text_offset`) with the sampled token always in
+  `top_logprobs`, so lm-evaluation-harness's log-likelihood and greedy checks
+  work; chat log-probs are the `content` list with bytes.
+
+Extensions beyond OpenAI's parameters are marked so in their descriptions
+(they show in /openapi.json).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from glassforge.serve.types import TokenLogprob
+
+
+class APIError(Exception):
+    """An OpenAI-shaped error answer: raised by a route or its helpers, rendered by app.py's handler."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# --- request bodies ----------------------------------------------------------------------
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Strict):
+    include_usage: bool | None = False
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+Prompt = Union[str, list[str], list[int], list[list[int]]]
+Stop = Union[str, list[str], None]
+
+
+class SamplingFields(Strict):
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="extension: sample from the k most likely tokens (0 or -1: all)")
+    n: int | None = Field(1, ge=1, le=16)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: Stop = Field(None, description="a string or a list of strings, excluded from the output")
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool | None = Field(False, description="extension: keep generating past end-of-text tokens")
+    trace: bool | None = Field(False, description="extension: add the training-data spans found in each choice")
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (and carries `usage: null` on every other chunk)."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1, le=16)
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+
+
+class EmbeddingRequest(Strict):
+    input: Prompt
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+class TokenizeRequest(Strict):
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = False
+    add_generation_prompt: bool | None = True
+    model: str | None = None
+
+
+class DetokenizeRequest(Strict):
+    tokens: list[int]
+    model: str | None = None
+
+
+class TraceRequest(Strict):
+    text: str
+    min_tokens: int | None = Field(8, ge=1, le=4096)
+    max_docs: int | None = Field(5, ge=1, le=100)
+    model: str | None = None
+
+
+# --- log-probabilities as the two APIs return them ------------------------------------------
+
+def legacy_logprobs(entries: list[TokenLogprob], base_offset: int = 0) -> dict:
+    """Completions' log-probs; the sampled token is always among `top_logprobs`."""
+    top = []
+    for e in entries:
+        if e.top is None:
+            top.append(None)
+            continue
+        d = {tok: lp for _, tok, lp in e.top}
+        d.setdefault(e.token, e.logprob)  # the sampled token is always reported
+        top.append(d)
+    return {"tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": top,
+            "text_offset": [base_offset + e.offset for e in entries]}
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    """Chat completions' log-probs: one item per token with its UTF-8 bytes and the top alternatives."""
+    def item(tok: str, lp: float) -> dict:
+        return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
+
+    content = []
+    for e in entries:
+        d = item(e.token, e.logprob)
+        d["top_logprobs"] = [item(t, lp) for _, t, lp in (e.top or [])]
+        content.append(d)
+    return {"content": content, "refusal": None}

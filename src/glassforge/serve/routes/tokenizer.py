@@ -1,0 +1,40 @@
+"""The tokenizer routes lm-evaluation-harness probes: `/tokenizer_info`, `/tokenize`, `/detokenize` (vLLM's shapes)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from glassforge.serve.protocol import APIError, DetokenizeRequest, TokenizeRequest
+from glassforge.serve.serving import Server, render_messages, server_of
+from glassforge.tokenizer.bpe import END, PAD
+
+router = APIRouter()
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(server: Server = Depends(server_of)) -> dict:
+    engine = server.engine
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": END, "eos_token_id": engine.end_id,
+            "bos_token": None, "bos_token_id": None, "pad_token": PAD,
+            "pad_token_id": engine.tokenizer.token_to_id(PAD), "chat_template": engine.chat_template,
+            "vocab_size": engine.vocab_size, "model_max_length": engine.max_context}
+
+
+@router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, server: Server = Depends(server_of)) -> dict:
+    server.check_model(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
+    text = req.prompt if req.prompt is not None else render_messages(server.engine, req.messages,
+                                                                     bool(req.add_generation_prompt))
+    ids = server.engine.encode(text)
+    return {"tokens": ids, "count": len(ids), "max_model_len": server.engine.max_context}
+
+
+@router.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, server: Server = Depends(server_of)) -> dict:
+    server.check_model(req.model)
+    bad = [t for t in req.tokens if not 0 <= t < server.engine.vocab_size]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary", param="tokens")
+    return {"prompt": server.engine.decode(req.tokens)}

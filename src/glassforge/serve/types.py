@@ -1,0 +1,88 @@
+"""What goes into the engine and what comes out of it: the request and result types, and its two refusals.
+
+A request is a prompt's token ids, a choice index and `SamplingParams`: how to
+sample (the one sampler's `Sampling`: temperature, top-p, penalties, ...), how
+long, when to stop and which log-probabilities to report. Results leave the
+engine as `Event`s, one per sequence and step that produced something, through
+a callback (`Sink`) the caller supplies; the server folds several of one
+choice into one stream chunk with `Event.absorb`.
+
+Log-probabilities (`TokenLogprob`) are those of the model (raw logits), as
+OpenAI and vLLM report them: penalties, bias, temperature, top-k and top-p
+change only what is sampled, never what is reported.
+
+The types are plain dataclasses with no torch in them, so the HTTP side
+(protocol, serving) depends on them without depending on the engine's
+internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from glassforge.core.errors import UserError
+from glassforge.model.sampling import Sampling
+
+
+class QueueFull(Exception):
+    """The waiting queue has no room: the caller should retry later."""
+
+
+class ContextTooLong(UserError):
+    """Prompt plus max_tokens exceed the engine's maximum context."""
+
+
+@dataclass
+class SamplingParams(Sampling):
+    """What one request asks of the engine: how to sample (`Sampling`), how long, when to stop, what to report."""
+
+    max_tokens: int = 16
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: set[int] = field(default_factory=set)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the top k
+    prompt_logprobs: int | None = None  # the same over the prompt (completions `echo`)
+    grammar: str | None = None  # an llguidance grammar (from `Grammars.json_grammar`): constrained decoding
+
+
+@dataclass
+class TokenLogprob:
+    """One token with its log-probability and, when asked for, the k most likely tokens at its position."""
+
+    id: int
+    token: str
+    logprob: float | None  # None for a prompt's first token, which nothing predicts
+    top: list[tuple[int, str, float]] | None
+    offset: int  # characters of output text before this token
+
+
+@dataclass
+class Event:
+    """What one sequence produced since its last event."""
+
+    index: int
+    text: str = ""
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+    def absorb(self, ev: "Event") -> bool:
+        """Fold a later event of the same choice into this one; True when it finished the choice."""
+        self.text += ev.text
+        self.tokens += ev.tokens
+        if ev.prompt_logprobs is not None:
+            self.prompt_logprobs = ev.prompt_logprobs
+        if ev.finish_reason:
+            self.finish_reason = ev.finish_reason
+            self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
+            return True
+        return False
+
+
+#: Where a sequence's events go; called on the engine thread, so it must be quick and must not block.
+Sink = Callable[[Event], None]
