@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
 
-_CACHE: dict[str, Path] = {}
+from glassforge.core.recipe import load_recipe
 
 
-def release_run(request) -> Path:
-    """A real `tiny` run with its release, built once per session (conftest's `tiny_run`).
-
-    GLASSFORGE_TEST_TINY_RUN=PATH reuses a tiny run already built (by this same
-    code: replay is bit for bit only with it); the tests never modify it.
-    """
-    if "run" not in _CACHE:
-        built = os.environ.get("GLASSFORGE_TEST_TINY_RUN")  # a run built by this very code
-        _CACHE["run"] = Path(built) if built else Path(request.getfixturevalue("tiny_run"))
-    return _CACHE["run"]
-
-
-@pytest.fixture(scope="module")
-def run_root(request) -> Path:
-    return release_run(request)
+@pytest.fixture
+def run_root(tiny_run) -> Path:
+    return tiny_run
 
 
 @pytest.mark.slow
@@ -44,7 +31,7 @@ def test_release_has_the_hugging_face_layout_and_cards(run_root):
     for key in ("license:", "datasets:", "language:", "tags:"):
         assert key in header
     assert "## Intended use and limits" in card and "## Training" in card and "loss.png" in card
-    from glassforge.runfolder import sha256_file
+    from glassforge.core.hashing import sha256_file
 
     assert f"sha256: `{sha256_file(rel / 'model.safetensors')}`" in card
     manifest = json.loads((rel / "manifest.json").read_text())
@@ -54,9 +41,9 @@ def test_release_has_the_hugging_face_layout_and_cards(run_root):
 
 @pytest.mark.slow
 def test_attestation_is_an_in_toto_statement_binding_the_inputs(run_root):
-    from glassforge.attest import check_chain
-    from glassforge.runfolder import sha256_file
-    from glassforge.train import list_checkpoints
+    from glassforge.core.hashing import sha256_file
+    from glassforge.core.runfolder import list_checkpoints
+    from glassforge.release.attest import check_chain
 
     rel = run_root / "release"
     stmt = json.loads((rel / "attestation.json").read_text())
@@ -67,22 +54,28 @@ def test_attestation_is_an_in_toto_statement_binding_the_inputs(run_root):
     assert pred["data"]["order_sha256"] == shards["order_sha256"]
     assert re.fullmatch(r"[0-9a-f]{64}", pred["data"]["mix_merkle_root"])
     assert pred["tokenizer"]["sha256"] == sha256_file(run_root / "tokenizer" / "tokenizer.json")
-    assert pred["recipe"]["sha256"] == __import__("glassforge.recipe").recipe.load_recipe(run_root / "recipe.toml").hash()
+    assert pred["recipe"]["sha256"] == load_recipe(run_root / "recipe.toml").hash()
     assert pred["code"]["version"] and pred["dependency_lock"]["sha256"] == sha256_file(
         Path(__file__).parents[1] / "constraints.txt")
     assert pred["training"]["pretrain"]["steps"] == 60 and pred["training"]["pretrain"]["tokens"] == 60 * 4096
     kept = list_checkpoints(run_root / "pretrain")
     chain = [c for c in pred["checkpoints"] if c["stage"] == "pretrain"]
-    assert [c["step"] for c in chain] == [s for s, _ in kept]
+    assert [c["step"] for c in chain] == [20, 40, 60] == [s for s, _ in kept]  # every checkpoint written
     assert chain[-1]["model_sha256"] == sha256_file(kept[-1][1] / "model.safetensors")
     assert check_chain(pred["checkpoints"]) is None
     assert pred["release"]["manifest_sha256"] == sha256_file(rel / "manifest.json")
-    # each stage's replay start checkpoint travels with the release
-    stages = [c["stage"] for c in pred["checkpoints"]]
-    assert [it["stage"] for it in pred["replay"]] == sorted(set(stages), key=stages.index)
-    for it in pred["replay"]:
-        assert (rel / it["start_checkpoint"] / "optimizer.safetensors").is_file()
-        assert it["to_step"] == pred["training"][it["stage"]]["steps"]
+    # every kept checkpoint travels with the release, but the released weights' own
+    carried = [(c["stage"], c["step"]) for c in pred["replay"]["carried"]]
+    assert carried == [("pretrain", 20), ("pretrain", 40), ("pretrain", 60), ("sft", 10), ("sft", 20)]
+    for c in pred["replay"]["carried"]:
+        assert (rel / c["folder"] / "optimizer.safetensors").is_file()
+    env = pred["training"]["pretrain"]["env"]
+    assert env["compile"] is True and env["threads"] >= 1 and pred["training"]["pretrain"]["seed"] == 1337
+    # the data itself, bound by hash
+    pack = pred["data"]["pack"]
+    assert pack["documents"]["sha256"] == sha256_file(rel / "data" / "documents.parquet")
+    assert pack["documents"]["rows"] + pack["dropped"]["rows"] == json.loads(
+        (rel / "data_summary.json").read_text())["documents_seen"]
     assert pred["code"]["source_sha256"] and pred["platform"]["cpu_threads"] >= 1
 
 
@@ -90,7 +83,7 @@ def test_attestation_is_an_in_toto_statement_binding_the_inputs(run_root):
 def hf_folder(request) -> Path:
     """A model folder written by release.write_model_folder (random weights: fast), and the real release."""
     if request.param == "tiny":
-        return release_run(request) / "release"
+        return Path(request.getfixturevalue("tiny_run")) / "release"
     return request.getfixturevalue("random_model")
 
 
@@ -98,27 +91,27 @@ def test_transformers_loads_the_release_offline_with_our_logits(hf_folder, monke
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from glassforge.generate import generate_ids
-    from glassforge.model import Llama
-    from glassforge.tokenizer import load_tokenizer
+    from glassforge.model.generate import generate_ids
+    from glassforge.model.hf import load_pretrained
+    from glassforge.tokenizer.bpe import load_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rel = hf_folder
     hf_tok = AutoTokenizer.from_pretrained(rel)
     hf = AutoModelForCausalLM.from_pretrained(rel, dtype=torch.float32).eval()
-    ours = Llama.from_pretrained(rel)
+    ours = load_pretrained(rel)
     text = "def dumps(obj, *, skipkeys=False):\n    \"\"\"Serialize obj to a JSON formatted str."
     ids = load_tokenizer(rel).encode(text, add_special_tokens=False).ids
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
     chat = [{"role": "user", "content": "What does json.dumps do?"}]
-    from glassforge.tokenizer import render_chat
+    from glassforge.tokenizer.bpe import render_chat
 
     assert hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == render_chat(chat)
     x = torch.tensor([ids])
     with torch.no_grad():
         diff = (hf(x).logits.float() - ours(x)[0].float()).abs().max().item()
     assert diff <= 1e-4, diff
-    from glassforge.tokenizer import END, ENDOFTEXT
+    from glassforge.tokenizer.bpe import END, ENDOFTEXT
 
     stop = {hf_tok.convert_tokens_to_ids(END), hf_tok.convert_tokens_to_ids(ENDOFTEXT)}
     for prompt in (ids, hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)):
@@ -148,15 +141,15 @@ def test_release_reads_each_file_once(run_root, tmp_path, file_reads):
     """The weights are hashed as they are copied; the model card, manifest and checkpoint chain share that hash."""
     import shutil
 
-    from glassforge.release import final_weights, run_release
-    from glassforge.runfolder import Run
+    from glassforge.core.runfolder import Run
+    from glassforge.release.stage import run_release
 
     copy = tmp_path / "run"
     shutil.copytree(run_root, copy, ignore=shutil.ignore_patterns("release", "trace*"))
     out = run_release(Run(copy))
     assert out["model_sha256"] == json.loads((copy / "release" / "manifest.json").read_text())[
         "files"]["model.safetensors"]["sha256"]
-    assert file_reads[str(final_weights(Run(copy))[1])] == 1
+    assert file_reads[str(Run(copy).final_weights()[1])] == 1
     assert max(file_reads.values()) == 1, file_reads.most_common(3)
 
 
@@ -164,10 +157,10 @@ def test_release_reads_each_file_once(run_root, tmp_path, file_reads):
 def test_signed_release_and_bad_keys(run_root, tmp_path):
     import shutil
 
-    from glassforge.attest import write_keypair
-    from glassforge.errors import UserError
-    from glassforge.release import run_release
-    from glassforge.runfolder import Run
+    from glassforge.core.errors import UserError
+    from glassforge.core.runfolder import Run
+    from glassforge.release.attest import write_keypair
+    from glassforge.release.stage import run_release
 
     # A copy of the run without its data-heavy parts: release needs data/, tokenizer/, checkpoints.
     copy = tmp_path / "run"

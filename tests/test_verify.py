@@ -1,5 +1,7 @@
 """`glassforge verify`: an untouched release passes; any changed file, manifest entry, tokenizer,
-recipe, signature or training document makes it fail and say what changed; replay is bit for bit."""
+recipe, signature or training document makes it fail and say what changed; a replay from a copy of the
+release alone is bit for bit (on one core too), within tolerance on another thread count, and fails for
+a forgery that is consistent everywhere else."""
 
 from __future__ import annotations
 
@@ -9,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from test_release import release_run
 
 pytestmark = pytest.mark.slow  # every test here needs the real `tiny` build
 
 
-@pytest.fixture(scope="module")
-def run_root(request) -> Path:
-    return release_run(request)
+@pytest.fixture
+def run_root(tiny_run) -> Path:
+    return tiny_run
 
 
 def copy_release(run_root: Path, dest: Path) -> Path:
@@ -29,21 +30,21 @@ def failures(claims) -> dict[str, str]:
 
 
 def test_untouched_release_passes_every_claim(run_root, capsys):
-    from glassforge.verify import verify_command, verify_release
+    from glassforge.release.verify import verify_command, verify_release
 
     claims = verify_release(run_root / "release")
     assert not failures(claims)
     names = {n for n, _, _ in claims}
     assert {"files", "manifest", "weights", "tokenizer", "recipe", "config", "checkpoint chain",
             "training log", "code version", "dependency lock"} <= names
-    assert verify_command(run_root / "release", False, None, None) == 0
+    assert verify_command(run_root / "release", None, False, None) == 0
     out = capsys.readouterr().out
     assert "PASS weights:" in out and "FAIL" not in out
 
 
 def test_verify_reads_each_file_once(run_root, file_reads):
     """The manifest, the attestation's subject and the replay checkpoint checks share one hash per file."""
-    from glassforge.verify import verify_release
+    from glassforge.release.verify import verify_release
 
     rel = run_root / "release"
     assert not failures(verify_release(rel))
@@ -96,32 +97,33 @@ TAMPERINGS = {
 
 @pytest.mark.parametrize("what", sorted(TAMPERINGS))
 def test_any_single_change_fails_and_is_named(run_root, tmp_path, capsys, what):
-    from glassforge.verify import verify_command
+    from glassforge.release.verify import verify_command
 
     edit, must_fail = TAMPERINGS[what]
     rel = copy_release(run_root, tmp_path / "release")
     edit(rel)
-    assert verify_command(rel, False, None, None) == 1
+    assert verify_command(rel, None, False, None) == 1
     out = capsys.readouterr().out
     failed = {line[5:].split(":")[0] for line in out.splitlines() if line.startswith("FAIL ")}
     assert must_fail <= failed, out
 
 
-def test_replay_start_checkpoint_change_is_caught(run_root, tmp_path):
-    from glassforge.verify import verify_release
+def test_carried_checkpoint_change_is_caught(run_root, tmp_path):
+    from glassforge.release.verify import verify_release
 
     rel = copy_release(run_root, tmp_path / "release")
     stmt = json.loads((rel / "attestation.json").read_text())
-    start = stmt["predicate"]["replay"][0]["start_checkpoint"]
-    _flip_byte(rel / start / "optimizer.safetensors", -3)
+    carried = stmt["predicate"]["replay"]["carried"][0]["folder"]
+    _flip_byte(rel / carried / "optimizer.safetensors", -3)
     failed = failures(verify_release(rel))
-    assert f"file {start}/optimizer.safetensors" in failed and "replay checkpoint pretrain" in failed
+    assert f"file {carried}/optimizer.safetensors" in failed
+    assert "not the attested" in failed["carried checkpoints"]
 
 
 def test_signature_checks_the_key_and_the_statement(run_root, tmp_path):
-    from glassforge.attest import sign, write_keypair
-    from glassforge.runfolder import atomic_write_bytes, atomic_write_json
-    from glassforge.verify import verify_release
+    from glassforge.release.attest import sign, write_keypair
+    from glassforge.core.files import atomic_write_bytes, atomic_write_json
+    from glassforge.release.verify import verify_release
 
     rel = copy_release(run_root, tmp_path / "release")
     key, pub = tmp_path / "k.pem", tmp_path / "k.pub"
@@ -155,9 +157,9 @@ def test_bogus_signature_fails_the_envelope_check(run_root, tmp_path):
     whose signature is not one: only the signature check itself can catch it."""
     import base64
 
-    from glassforge.attest import PAYLOAD_TYPE, key_id, load_public_key, write_keypair
-    from glassforge.runfolder import atomic_write_json
-    from glassforge.verify import verify_release
+    from glassforge.release.attest import PAYLOAD_TYPE, key_id, load_public_key, write_keypair
+    from glassforge.core.files import atomic_write_json
+    from glassforge.release.verify import verify_release
 
     rel = copy_release(run_root, tmp_path / "release")
     write_keypair(tmp_path / "k.pem", rel / "signing_key.pub")
@@ -170,42 +172,207 @@ def test_bogus_signature_fails_the_envelope_check(run_root, tmp_path):
 
 
 def test_unsigned_release_with_public_key_fails(run_root, tmp_path):
-    from glassforge.attest import write_keypair
-    from glassforge.verify import verify_release
+    from glassforge.release.attest import write_keypair
+    from glassforge.release.verify import verify_release
 
     write_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
     assert "not signed" in failures(verify_release(run_root / "release", public_key=tmp_path / "k.pub"))["signature"]
 
 
-def test_replay_without_data_is_a_user_error(run_root):
-    from glassforge.errors import UserError
-    from glassforge.verify import verify_release
-
-    with pytest.raises(UserError, match="--data"):
-        verify_release(run_root / "release", replay=True)
+# ------------------------------------------------------------------------------------ the data pack and replay
 
 
-def test_data_and_replay_pass_on_the_untouched_run(run_root):
-    from glassforge.verify import verify_release
+def _pack_rows(rel: Path) -> list[dict]:
+    import pyarrow.parquet as pq
 
-    claims = verify_release(run_root / "release", replay=True, data_run=run_root)
+    return pq.read_table(rel / "data" / "documents.parquet").to_pylist()
+
+
+def test_the_data_pack_is_the_runs_documents_and_reads_with_datasets(run_root):
+    """pyarrow and Hugging Face datasets read the release's documents; they are the run's, in its order."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    from glassforge.core.manifest import iter_manifest_entries
+    from glassforge.core.runfolder import Run
+    from glassforge.data.documents import iter_documents
+
+    rel = run_root / "release"
+    run = Run(run_root)
+    want = [{"id": d["id"], "split": d["split"], "text": d["text"]} for d in iter_documents(run)]
+    rows = _pack_rows(rel)
+    assert [{k: r[k] for k in ("id", "split", "text")} for r in rows] == want
+    entries = {e["id"]: e for e in iter_manifest_entries(run)}
+    assert all(r["sha256"] == entries[r["id"]]["sha256"] and r["license"] == "PSF-2.0" for r in rows)
+    ds = datasets.load_dataset("parquet", data_files=str(rel / "data" / "documents.parquet"), split="train")
+    assert ds["id"] == [w["id"] for w in want] and ds["text"] == [w["text"] for w in want]
+    dropped = pq.read_table(rel / "data" / "dropped.parquet").to_pylist()
+    assert sorted(d["id"] for d in dropped) == sorted(e["id"] for e in entries.values() if e["status"] == "dropped")
+    assert "text" not in pq.read_schema(rel / "data" / "dropped.parquet").names
+    assert (rel / "data" / "order.txt").read_bytes() == run.order.read_bytes()
+
+
+def test_replay_all_from_a_copy_of_the_release_alone_is_bit_for_bit(run_root, tmp_path, capsys):
+    from glassforge.release.verify import verify_command
+
+    rel = copy_release(run_root, tmp_path / "elsewhere" / "release")  # no run folder beside it
+    assert verify_command(rel, "all", True, None) == 0
+    out = capsys.readouterr().out
+    replays = [line for line in out.splitlines() if line.startswith("PASS replay ") and "coverage" not in line]
+    assert len(replays) == 6 and all("bit for bit" in line for line in replays), out  # 3 + 3 intervals
+    assert "PASS replay coverage: 90 of 90 training steps (100%)" in out
+    for claim in ("data documents", "data order", "data merkle root", "data counts"):
+        assert f"PASS {claim}:" in out
+
+
+def test_replay_on_one_core_is_still_bit_for_bit(run_root, tmp_path):
+    """The build ran two threads; a verifier with one core runs two threads on it and gets the same bits."""
+    import subprocess
+    import sys
+
+    rel = copy_release(run_root, tmp_path / "release")
+    env = {**__import__("os").environ, "TQDM_DISABLE": "1"}
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "glassforge", "verify", str(rel),
+                          "--replay", "last"], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    replays = [line for line in out.stdout.splitlines() if line.startswith("PASS replay ") and "coverage" not in line]
+    assert len(replays) == 2 and all("bit for bit" in line for line in replays), out.stdout
+
+
+def test_replay_with_another_thread_count_passes_within_tolerance(run_root, tmp_path):
+    """Compiled kernels split their sums by thread: other bits, a distance far below the threshold."""
+    from glassforge.release.verify import verify_release
+
+    claims = verify_release(copy_release(run_root, tmp_path / "release"), replay="last", threads=1)
     assert not failures(claims), failures(claims)
-    names = {n for n, _, _ in claims}
-    assert {"data root attested", "data order attested", "data document hashes", "run tokenizer", "run recipe",
-            "replay pretrain", "replay sft"} <= names
-    replayed = [r for n, ok, r in claims if n.startswith("replay ") and "checkpoint" not in n]
-    assert replayed and all("bit for bit" in r for r in replayed)
+    pretrain = next(r for n, ok, r in claims if n.startswith("replay pretrain"))
+    assert pretrain.startswith("within floating-point tolerance (distance ") and "threshold 2.00e-02" in pretrain
 
 
-def test_one_altered_training_document_fails_data_and_replay(run_root, tmp_path):
-    from glassforge.verify import verify_release
+def _rewrite_pack_document(rel: Path, doc_id: str, text: str, *, recompute: bool) -> None:
+    """Change one document's text in the pack; with recompute, its hash and every hash above it too."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from glassforge.core.hashing import sha256_file
+    from glassforge.core.merkle import order_roots
+    from glassforge.release.datapack import _schemas
+
+    path = rel / "data" / "documents.parquet"
+    rows = pq.read_table(path).to_pylist()
+    for r in rows:
+        if r["id"] == doc_id:
+            r["text"] = text
+            if recompute:
+                r["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+                r["bytes"] = len(text.encode())
+    pq.write_table(pa.Table.from_pylist(rows, schema=_schemas()[0]), path, compression="zstd")
+    if not recompute:
+        return
+    stmt = json.loads((rel / "attestation.json").read_text())
+    data = stmt["predicate"]["data"]
+    order = (rel / "data" / "order.txt").read_text().splitlines()
+    roots = order_roots(order, {r["id"]: bytes.fromhex(r["sha256"]) for r in rows},
+                        {r["id"]: r["source_name"] for r in rows}, list(data["source_merkle_roots"]))
+    data["mix_merkle_root"], data["source_merkle_roots"] = roots["mix"], roots["sources"]
+    data["pack"]["documents"]["sha256"] = sha256_file(path)
+    manifest = json.loads((rel / "manifest.json").read_text())
+    manifest["files"]["data/documents.parquet"] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    (rel / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    stmt["predicate"]["release"]["manifest_sha256"] = sha256_file(rel / "manifest.json")
+    (rel / "attestation.json").write_text(json.dumps(stmt, indent=2, sort_keys=True) + "\n")
+
+
+def _document_read_at(rel: Path, step: int) -> str:
+    """A training document the pretraining step `step` (counting from 1) reads."""
+    import numpy as np
+
+    from glassforge.core.recipe import load_recipe
+    from glassforge.train.order import DataOrder
+
+    recipe = load_recipe(rel / "recipe.toml")
+    cfg = recipe.pretrain
+    offsets = np.load(rel.parent / "data" / "train.offsets.npy")
+    ids = json.loads((rel.parent / "data" / "shards.json").read_text())["train"]["documents"]
+    n_windows = (int(offsets[-1]) - 1) // cfg.seq_len
+    window = int(DataOrder(n_windows, cfg.batch_tokens // cfg.seq_len, recipe.seed).global_batch(step - 1)[0])
+    return ids[int(np.searchsorted(offsets, window * cfg.seq_len, side="right") - 1)]
+
+
+def test_a_consistent_forgery_fails_the_replay(run_root, tmp_path):
+    """One document the last pretraining interval reads is changed, and its hash, the Merkle roots, the pack's
+    hash, the manifest and the attestation are all recomputed to match (unsigned): only the replay can tell."""
+    from glassforge.release.verify import verify_release
+
+    rel = copy_release(run_root, tmp_path / "release")
+    victim = _document_read_at(run_root / "release", 50)
+    text = next(r["text"] for r in _pack_rows(rel) if r["id"] == victim)
+    _rewrite_pack_document(rel, victim, text + "\nThis sentence was not in the training data.", recompute=True)
+    claims = verify_release(rel, replay="last")
+    failed = failures(claims)
+    assert set(failed) == {"replay pretrain steps 40..60"}, failed  # every hash and root is consistent
+    assert "beyond floating-point tolerance" in failed["replay pretrain steps 40..60"]
+
+
+def test_a_changed_pack_document_fails_naming_it(run_root, tmp_path, capsys):
+    from glassforge.cli import main
+
+    rel = copy_release(run_root, tmp_path / "release")
+    victim = _pack_rows(rel)[3]
+    _rewrite_pack_document(rel, victim["id"], victim["text"].replace("e", "E", 1), recompute=False)
+    assert main(["verify", str(rel), "--data"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL data documents: document {victim['id']} in documents.parquet: its text does not hash" in out
+    assert "FAIL file data/documents.parquet: changed" in out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "missing"])
+def test_a_damaged_data_pack_is_a_fail_naming_the_file(run_root, tmp_path, capsys, damage):
+    from glassforge.cli import main
+
+    rel = copy_release(run_root, tmp_path / "release")
+    pack = rel / "data" / "documents.parquet"
+    if damage == "truncated":
+        pack.write_bytes(pack.read_bytes()[: pack.stat().st_size // 2])
+    elif damage == "corrupt":
+        data = bytearray(pack.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+        pack.write_bytes(bytes(data))
+    else:
+        pack.unlink()
+    assert main(["verify", str(rel), "--data"]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    fails = [line for line in captured.out.splitlines() if line.startswith("FAIL ")]
+    assert any(line.startswith("FAIL file data/documents.parquet") for line in fails), fails
+    assert any(line.startswith("FAIL data") and "documents.parquet" in line for line in fails), fails
+
+
+def test_sample_coverage_is_the_verifiers_draw(run_root):
+    from glassforge.release.replay import Attested, choose
+
+    rel = run_root / "release"
+    pred = json.loads((rel / "attestation.json").read_text())["predicate"]
+    attested = Attested.of(rel, pred)
+    first, again = choose(attested, "sample", 2, seed=5), choose(attested, "sample", 2, seed=5)
+    assert first == again and len(first) == 2
+    assert {str(i) for s in range(20) for i in choose(attested, "sample", 1, seed=s)} == {
+        str(i) for st in ("pretrain", "sft") for i in attested.intervals(st)}  # every interval can be drawn
+    assert [str(i) for i in choose(attested, "last", 2, 0)] == ["pretrain steps 40..60", "sft steps 20..30"]
+
+
+def test_run_data_check_names_an_altered_document(run_root, tmp_path):
+    """`--data RUN` checks the builder's run folder instead of the release's pack."""
+    from glassforge.release.verify import verify_release
 
     run = tmp_path / "run"
     run.mkdir()
     shutil.copyfile(run_root / "recipe.toml", run / "recipe.toml")
     shutil.copytree(run_root / "data", run / "data")
     shutil.copytree(run_root / "tokenizer", run / "tokenizer")
-    first = (run / "data" / "order.txt").read_text().splitlines()[0]  # the start of the training stream
+    first = (run / "data" / "order.txt").read_text().splitlines()[0]
     lines = (run / "data" / "documents.jsonl").read_text().splitlines()
     for i, line in enumerate(lines):
         doc = json.loads(line)
@@ -213,28 +380,23 @@ def test_one_altered_training_document_fails_data_and_replay(run_root, tmp_path)
             doc["text"] = doc["text"].replace(" the ", " a ", 1) + "\nAnd one more sentence, added later."
             lines[i] = json.dumps(doc, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     (run / "data" / "documents.jsonl").write_text("\n".join(lines) + "\n")
-
-    rel = run_root / "release"
-    failed = failures(verify_release(rel, data_run=run))
+    failed = failures(verify_release(run_root / "release", data=run))
     assert any(first in reason for reason in failed.values()), failed  # the changed document is named
-    # Replay pretraining's interval only (fine-tuning's is the same mechanism; this keeps the test short).
-    from glassforge.verify import replay_training
-
-    pred = json.loads((rel / "attestation.json").read_text())["predicate"]
-    pred["replay"] = [it for it in pred["replay"] if it["stage"] == "pretrain"]
-    failed = failures(replay_training(rel, run, pred))
-    assert "weights" in failed["replay pretrain"], failed
 
 
 def test_cli_verify_exit_codes(run_root, tmp_path, capsys):
-    from glassforge.attest import write_keypair
     from glassforge.cli import main
+    from glassforge.release.attest import write_keypair
 
     assert main(["verify", str(run_root / "release")]) == 0
     rel = copy_release(run_root, tmp_path / "release")
     _edit_recipe(rel)
     assert main(["verify", str(rel)]) == 1
     assert "FAIL file recipe.toml" in capsys.readouterr().out
-    assert main(["verify", str(run_root / "release"), "--replay"]) == 2  # needs --data: a user error
+    with pytest.raises(SystemExit) as e:
+        main(["verify", str(run_root / "release"), "--replay", "everything"])
+    assert e.value.code == 2
+    assert main(["verify", str(run_root / "release"), "--replay", "sample", "--samples", "0"]) == 2
+    assert "--samples 0: must be at least 1" in capsys.readouterr().err
     write_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
     assert main(["verify", str(run_root / "release"), "--public-key", str(tmp_path / "k.pub")]) == 1

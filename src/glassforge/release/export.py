@@ -28,8 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from glassforge.errors import UserError
-from glassforge.runfolder import atomic_path, sha256_file
+from glassforge.core.errors import UserError
+from glassforge.core.files import atomic_path
+from glassforge.core.hashing import sha256_file
+from glassforge.core.recipe import ModelConfig
+from glassforge.core.runfolder import WEIGHTS, Release, resolve_release
+from glassforge.tokenizer.bpe import END, ENDOFTEXT, PAD
 
 
 def permute_for_llamacpp(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -102,48 +106,43 @@ def export_gguf(release: Path, out: Path, dtype: str = "f32") -> dict:
     import gguf
     from safetensors import safe_open
 
-    from glassforge.model import ModelConfig
-    from glassforge.tokenizer import END, ENDOFTEXT, PAD
-
-    from glassforge.generate import resolve_release
-
-    release, out = resolve_release(release), Path(out)  # a run folder means its release/
+    folder, out = resolve_release(release), Path(out)  # a run folder means its release/
+    release = Release(folder)
     if dtype not in GGUF_DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(GGUF_DTYPES)}")
     qtype = gguf.GGMLQuantizationType[GGUF_DTYPES[dtype][0]]
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        if not (release / name).is_file():
-            raise UserError(f"{release}: not a release folder (no {name}); build one with `glassforge release RUN`")
+    for path in (release.config, release.weights, release.tokenizer_json, release.tokenizer_config):
+        if not path.is_file():
+            raise UserError(f"{folder}: not a release folder (no {path.name}); build one with `glassforge release RUN`")
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder; give a file name such as model.gguf")
-    weights_sha = sha256_file(release / "model.safetensors")
-    manifest_path = release / "manifest.json"
-    if manifest_path.is_file():
-        listed = json.loads(manifest_path.read_text()).get("files", {}).get("model.safetensors", {}).get("sha256")
+    weights_sha = sha256_file(release.weights)
+    if release.manifest.is_file():
+        listed = json.loads(release.manifest.read_text()).get("files", {}).get(WEIGHTS, {}).get("sha256")
         if listed and listed != weights_sha:
-            raise UserError(f"{release}/model.safetensors: sha256 {weights_sha[:12]}... does not match manifest.json "
-                            f"({listed[:12]}...); run `glassforge verify {release}`")
-    hf_cfg = json.loads((release / "config.json").read_text())
+            raise UserError(f"{release.weights}: sha256 {weights_sha[:12]}... does not match {release.manifest.name} "
+                            f"({listed[:12]}...); run `glassforge verify {folder}`")
+    hf_cfg = json.loads(release.config.read_text())
     if hf_cfg.get("model_type") != "llama":
-        raise UserError(f"{release}/config.json: model_type {hf_cfg.get('model_type')!r}, expected 'llama'")
+        raise UserError(f"{release.config}: model_type {hf_cfg.get('model_type')!r}, expected 'llama'")
     cfg = ModelConfig.from_hf(hf_cfg)
-    tok_json = json.loads((release / "tokenizer.json").read_text())
-    tok_cfg = json.loads((release / "tokenizer_config.json").read_text())
+    tok_json = json.loads(release.tokenizer_json.read_text())
+    tok_cfg = json.loads(release.tokenizer_config.read_text())
     tokens, types, merges, _ = _vocab(tok_json, cfg.vocab_size)
     ids = {t: i for i, t in enumerate(tokens)}
 
     names = tensor_name_map(cfg.n_layers)
     tensors: list[tuple[str, np.ndarray]] = []
-    with safe_open(str(release / "model.safetensors"), framework="np") as f:
+    with safe_open(str(release.weights), framework="np") as f:
         keys = set(f.keys())
         unknown = sorted(keys - set(names))
         if unknown:
-            raise UserError(f"{release}/model.safetensors: tensor {unknown[0]} is not part of a Llama model")
+            raise UserError(f"{release.weights}: tensor {unknown[0]} is not part of a Llama model")
         for hf_name, gg_name in names.items():
             if hf_name not in keys:
                 if hf_name == "lm_head.weight":
                     continue  # tied: llama.cpp reuses token_embd.weight for the output
-                raise UserError(f"{release}/model.safetensors: no tensor {hf_name}")
+                raise UserError(f"{release.weights}: no tensor {hf_name}")
             w = np.ascontiguousarray(f.get_tensor(hf_name), dtype=np.float32)
             if hf_name.endswith("q_proj.weight"):
                 w = permute_for_llamacpp(w, cfg.n_heads)
@@ -153,11 +152,11 @@ def export_gguf(release: Path, out: Path, dtype: str = "f32") -> dict:
 
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, arch="llama")
-        w.add_name(f"glassforge {release.resolve().parent.name or release.name}")
+        w.add_name(f"glassforge {folder.resolve().parent.name or folder.name}")
         w.add_file_type(int(gguf.LlamaFileType[GGUF_DTYPES[dtype][1]]))
         w.add_string("glassforge.weights_sha256", weights_sha)  # ties the file back to the attested release
-        if (release / "attestation.json").is_file():
-            w.add_string("glassforge.attestation_sha256", sha256_file(release / "attestation.json"))
+        if release.attestation.is_file():
+            w.add_string("glassforge.attestation_sha256", sha256_file(release.attestation))
         w.add_vocab_size(cfg.vocab_size)
         w.add_context_length(cfg.max_seq_len)
         w.add_embedding_length(cfg.d_model)

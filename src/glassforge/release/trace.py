@@ -1,23 +1,7 @@
-"""Trace text back to the training documents that contain it verbatim.
+"""Trace text back to the training documents that contain it verbatim, through the release's trace index.
 
-The release carries `trace/`, a self-contained index over the training token
-stream (the run folder is not needed to query it):
-
-    trace/tokens.bin         the training tokens, stream order, big-endian
-                             (uint16 or uint32, as in data/train.bin)
-    trace/sa.bin             suffix array: the start of every suffix of the
-                             stream in sorted order, 4 bytes per token
-                             (little-endian uint32) while the stream has at
-                             most 2**32 tokens, else 5 bytes (40-bit)
-    trace/buckets.npy        int64, vocab+1: suffixes starting with token t are
-                             sa[buckets[t]:buckets[t+1]]
-    trace/doc_offsets.npy    int64, n_docs+1: document i is tokens[off[i]:off[i+1]]
-                             (its trailing <|endoftext|> included)
-    trace/documents.jsonl    one line per document, stream order: id, source,
-                             license, sha256
-    trace/documents.idx.npy  int64, n_docs+1: byte offset of each line above
-    trace/index.json         format, sizes, eot id, tokenizer hash, and the
-                             sha256 and size of every file above
+The index (`trace_index.py` builds it and describes its files) needs nothing
+but the release's tokenizer at query time.
 
 Why these choices:
 
@@ -26,14 +10,10 @@ Why these choices:
   beside it. At 4 bytes per token (5 past 4G tokens) it stays under the
   6-bytes-per-token budget; an FM-index would be smaller but far slower to
   query from Python, a suffix tree or automaton far larger.
-- Tokens are stored big-endian so that comparing raw bytes compares token
-  sequences lexicographically. Sorting is then byte-level suffix sorting with
-  pydivsufsort (libdivsufsort, a well-kept SA-IS-class sorter); we keep the
-  suffixes that start on a token boundary, and their relative order is exactly
-  token order. Query-time comparisons are `bytes < bytes` on slices of an
-  `mmap`, i.e. memcmp in C, so a binary search costs about a microsecond a step.
-- The bucket table (one int64 per vocabulary entry) skips the first
-  log2(vocab) steps of every search.
+- Query-time comparisons are `bytes < bytes` on slices of an `mmap` of the
+  big-endian tokens, i.e. memcmp in C, so a binary search costs about a
+  microsecond a step. The bucket table (one int64 per vocabulary entry) skips
+  the first log2(vocab) steps of every search.
 - Tracing needs, for every start i of the query, the longest match L(i); the
   maximal spans are the starts where i + L(i) grows. All starts bisect their
   first 4 tokens (2 with a uint32 vocabulary) together in numpy, so most of a
@@ -50,11 +30,6 @@ Matching is on whole tokens, as the model saw its data: a span must start and
 end on the token boundaries the training tokenization had. `contains` also
 tries the text with a leading space, since the byte-level BPE glues a word to
 the space before it.
-
-Build limits: pydivsufsort sorts the stream as bytes, 4 bytes of working memory
-per byte (8 past 2**31 bytes), so a single index is practical up to about a
-billion tokens on a machine with tens of GiB; beyond that the stream would be
-sharded (not done yet).
 """
 
 from __future__ import annotations
@@ -68,168 +43,15 @@ from typing import Sequence
 
 import numpy as np
 
-from glassforge.errors import UserError
-from glassforge.runfolder import AtomicFile, atomic_write_json, sha256_file
+from glassforge.core.errors import UserError
+from glassforge.core.hashing import sha256_file
+from glassforge.core.runfolder import Release, TraceFolder, resolve_release
+from glassforge.release.trace_index import FORMAT
+from glassforge.tokenizer.bpe import load_tokenizer
 
-FORMAT = "glassforge-trace/1"
-FILES = ("tokens.bin", "sa.bin", "buckets.npy", "doc_offsets.npy", "documents.jsonl", "documents.idx.npy")
 #: Occurrences looked at to find a span's documents; counts are always exact.
 DOC_SCAN_LIMIT = 100_000
 SNIPPET_CONTEXT = 24  # tokens each side of the span
-
-
-# --------------------------------------------------------------------------------------------- build
-
-
-def _sa_width(n_tokens: int) -> int:
-    return 4 if n_tokens <= 2**32 else 5
-
-
-def suffix_array(tokens: np.ndarray) -> np.ndarray:
-    """Token-level suffix array of a uint16/uint32 token array, by byte-level divsufsort.
-
-    int32 while the stream has under 2**31 bytes, else int64 (as libdivsufsort returns them).
-    """
-    from pydivsufsort import divsufsort
-
-    width = tokens.dtype.itemsize
-    data = np.ascontiguousarray(tokens, dtype=tokens.dtype.newbyteorder(">")).view(np.uint8)
-    sa = divsufsort(data)
-    # Keep suffixes that start on a token boundary, in place to spare memory.
-    keep = sa[sa % width == 0] if width > 1 else sa
-    del sa
-    if width > 1:
-        keep //= width
-    return keep
-
-
-def _write_sa(path: Path, sa: np.ndarray, width: int, chunk: int = 1 << 24) -> None:
-    with AtomicFile(path) as f:
-        for start in range(0, len(sa), chunk):
-            part = sa[start:start + chunk]
-            if width == 4:
-                f.write(part.astype("<u4").tobytes())
-            else:
-                f.write(part.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :width].tobytes())
-
-
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with AtomicFile(path) as f:
-        np.save(f, arr, allow_pickle=False)
-
-
-def _bincount_chunked(tokens: np.ndarray, minlength: int, chunk: int = 1 << 24) -> np.ndarray:
-    counts = np.zeros(minlength, dtype=np.int64)
-    for start in range(0, len(tokens), chunk):
-        c = np.bincount(np.asarray(tokens[start:start + chunk]), minlength=minlength)
-        counts[:len(c)] += c
-    return counts
-
-
-def build_index_arrays(tokens: np.ndarray, doc_offsets: np.ndarray, documents: Sequence[dict], out_dir: Path, *,
-                       eot_id: int, tokenizer_sha256: str | None = None, extra: dict | None = None,
-                       sa_width: int | None = None) -> dict:
-    """Write a trace index for a token stream split into documents; return index.json's content.
-
-    tokens: uint16 or uint32, each document followed by eot_id. doc_offsets: n_docs+1 starts.
-    documents: one dict per document (id, source, license, sha256). sa_width forces 4 or 5 bytes
-    per suffix-array entry (tests use 5 to exercise the 40-bit layout on small data).
-    """
-    t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokens = np.asarray(tokens)
-    if tokens.dtype not in (np.uint16, np.uint32):
-        raise ValueError(f"tokens must be uint16 or uint32, not {tokens.dtype}")
-    n = len(tokens)
-    if n == 0:
-        raise UserError("trace: the training token stream is empty; nothing to index")
-    doc_offsets = np.asarray(doc_offsets, dtype=np.int64)
-    if len(doc_offsets) != len(documents) + 1 or doc_offsets[0] != 0 or doc_offsets[-1] != n \
-            or np.any(np.diff(doc_offsets) <= 0):
-        raise ValueError("doc_offsets must rise strictly from 0 to len(tokens), one more than documents")
-    width = sa_width or _sa_width(n)
-    if width not in (4, 5) or (width == 4 and n > 2**32):
-        raise ValueError(f"sa_width {width} cannot address {n} tokens")
-
-    # Tokens, big-endian.
-    be = np.dtype(tokens.dtype).newbyteorder(">")
-    with AtomicFile(out_dir / "tokens.bin") as f:
-        for start in range(0, n, 1 << 24):
-            f.write(tokens[start:start + (1 << 24)].astype(be).tobytes())
-    t_sort = time.perf_counter()
-    sa = suffix_array(tokens)
-    sort_seconds = time.perf_counter() - t_sort
-    _write_sa(out_dir / "sa.bin", sa, width)
-    del sa
-    vocab = int(max(int(tokens.max()), eot_id)) + 1
-    buckets = np.zeros(vocab + 1, dtype=np.int64)
-    np.cumsum(_bincount_chunked(tokens, vocab), out=buckets[1:])
-    _save_npy(out_dir / "buckets.npy", buckets)
-    _save_npy(out_dir / "doc_offsets.npy", doc_offsets)
-    line_offsets = np.zeros(len(documents) + 1, dtype=np.int64)
-    with AtomicFile(out_dir / "documents.jsonl") as f:
-        for i, d in enumerate(documents):
-            row = {k: d.get(k) for k in ("id", "source", "license", "sha256")}
-            line = (json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-            f.write(line)
-            line_offsets[i + 1] = line_offsets[i] + len(line)
-    _save_npy(out_dir / "documents.idx.npy", line_offsets)
-    info = {
-        "format": FORMAT,
-        "token_dtype": np.dtype(tokens.dtype).name,
-        "token_byteorder": "big",
-        "token_bytes": int(tokens.dtype.itemsize),
-        "sa_bytes": width,
-        "tokens": n,
-        "documents": len(documents),
-        "eot_id": int(eot_id),
-        "tokenizer_sha256": tokenizer_sha256,
-        **(extra or {}),
-        "build_seconds": round(time.perf_counter() - t0, 3),
-        "sort_seconds": round(sort_seconds, 3),
-        "files": {name: {"sha256": sha256_file(out_dir / name), "bytes": (out_dir / name).stat().st_size}
-                  for name in FILES},
-    }
-    atomic_write_json(out_dir / "index.json", info)
-    return info
-
-
-def build_index(data_dir: Path, out_dir: Path) -> dict:
-    """Index the training split of a run's token shards into out_dir (e.g. release/trace).
-
-    Reads data/shards.json, train.bin, train.offsets.npy and manifest.json; writes a folder that
-    needs nothing else at query time but the release's tokenizer.json.
-    """
-    data_dir = Path(data_dir)
-    info_path = data_dir / "shards.json"
-    if not info_path.is_file():
-        raise UserError(f"{data_dir}: no token shards (shards.json); run the shards stage first")
-    info = json.loads(info_path.read_text())
-    tokens = np.memmap(data_dir / "train.bin", dtype=np.dtype(info["dtype"]), mode="r")
-    offsets = np.load(data_dir / "train.offsets.npy", allow_pickle=False)
-    ids: list[str] = info["train"]["documents"]
-    if len(offsets) != len(ids) + 1 or int(offsets[-1]) != len(tokens):
-        raise UserError(f"{data_dir}: train.offsets.npy does not match train.bin and shards.json")
-    ends = np.asarray(tokens[offsets[1:] - 1]) if len(ids) else np.zeros(0, tokens.dtype)
-    if len(ends) == 0 or np.any(ends != ends[0]):
-        raise UserError(f"{data_dir}: train.bin documents do not all end with the same <|endoftext|> token")
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    by_id: dict[str, dict] = {}
-    for entry in manifest.get("documents", []):
-        if entry.get("status", "kept") == "kept":
-            by_id.setdefault(entry["id"], entry)
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        raise UserError(f"{data_dir}: {len(missing)} training documents are not in manifest.json "
-                        f"(first: {missing[0]})")
-    docs = [by_id[i] for i in ids]
-    extra = {"order_sha256": info.get("order_sha256"), "shards_sha256": sha256_file(info_path)}
-    return build_index_arrays(tokens, offsets, docs, Path(out_dir), eot_id=int(ends[0]),
-                              tokenizer_sha256=info.get("tokenizer_sha256"), extra=extra)
-
-
-# --------------------------------------------------------------------------------------------- query
 
 
 def _map(path: Path) -> mmap.mmap:
@@ -242,23 +64,23 @@ class TraceIndex:
 
     def __init__(self, trace_dir: Path | str):
         self.dir = Path(trace_dir)
-        meta_path = self.dir / "index.json"
-        if not meta_path.is_file():
-            raise UserError(f"{self.dir}: no trace index (index.json)")
-        self.meta: dict = json.loads(meta_path.read_text())
+        folder = TraceFolder(self.dir)
+        if not folder.index.is_file():
+            raise UserError(f"{self.dir}: no trace index ({folder.index.name})")
+        self.meta: dict = json.loads(folder.index.read_text())
         if self.meta.get("format") != FORMAT:
             raise UserError(f"{self.dir}: unknown trace index format {self.meta.get('format')!r} (want {FORMAT})")
-        for name in FILES:
-            want = self.meta["files"][name]["bytes"]
-            if not (self.dir / name).is_file() or (self.dir / name).stat().st_size != want:
-                raise UserError(f"{self.dir / name}: missing or not the size index.json records ({want} bytes)")
+        for path in folder.files:
+            want = self.meta["files"][path.name]["bytes"]
+            if not path.is_file() or path.stat().st_size != want:
+                raise UserError(f"{path}: missing or not the size {folder.index.name} records ({want} bytes)")
         self.n = int(self.meta["tokens"])
         self.w = int(self.meta["token_bytes"])
         self.sa_bytes = int(self.meta["sa_bytes"])
         self.eot_id = int(self.meta["eot_id"])
-        self._tok_mm = _map(self.dir / "tokens.bin")
+        self._tok_mm = _map(folder.tokens)
         self.tokens = np.frombuffer(self._tok_mm, dtype=np.dtype(self.meta["token_dtype"]).newbyteorder(">"))
-        self._sa_mm = _map(self.dir / "sa.bin")
+        self._sa_mm = _map(folder.suffix_array)
         # Scalar reads of the suffix array in the search loop: a memoryview index is ~50 ns.
         self._sa_u32 = memoryview(self._sa_mm).cast("I") if self.sa_bytes == 4 and sys.byteorder == "little" else None
         self._sa_arr = np.frombuffer(self._sa_mm, dtype="<u4") if self.sa_bytes == 4 else None
@@ -266,11 +88,11 @@ class TraceIndex:
         # Tokens after the first that a search compares at once as one integer: 3 x 17 bits for
         # uint16 tokens, 1 x 33 bits for uint32 (a token t packs as t + 1; 0 is "past the end").
         self._c, self._bits = (3, 17) if self.w == 2 else (1, 33)
-        self.buckets = np.load(self.dir / "buckets.npy", allow_pickle=False)
+        self.buckets = np.load(folder.buckets, allow_pickle=False)
         self._bucket_list: list[int] = self.buckets.tolist()
-        self.doc_offsets = np.load(self.dir / "doc_offsets.npy", mmap_mode="r", allow_pickle=False)
-        self._doc_idx = np.load(self.dir / "documents.idx.npy", mmap_mode="r", allow_pickle=False)
-        self._docs_mm = _map(self.dir / "documents.jsonl") if self.meta["files"]["documents.jsonl"]["bytes"] else None
+        self.doc_offsets = np.load(folder.doc_offsets, mmap_mode="r", allow_pickle=False)
+        self._doc_idx = np.load(folder.documents_index, mmap_mode="r", allow_pickle=False)
+        self._docs_mm = _map(folder.documents) if self.meta["files"][folder.documents.name]["bytes"] else None
         self.n_docs = int(self.meta["documents"])
 
     # -- raw access
@@ -545,15 +367,13 @@ class Tracer:
     """
 
     def __init__(self, trace_dir: Path | str):
-        from glassforge.tokenizer import load_tokenizer
-
         trace_dir = Path(trace_dir)
         self.index = TraceIndex(trace_dir)
         self.tokenizer = load_tokenizer(trace_dir.parent)
         want = self.index.meta.get("tokenizer_sha256")
-        if want and sha256_file(trace_dir.parent / "tokenizer.json") != want:
-            raise UserError(f"{trace_dir}: the trace index was built with another tokenizer than "
-                            f"{trace_dir.parent / 'tokenizer.json'}")
+        tokenizer_json = Release(trace_dir.parent).tokenizer_json
+        if want and sha256_file(tokenizer_json) != want:
+            raise UserError(f"{trace_dir}: the trace index was built with another tokenizer than {tokenizer_json}")
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=False) if len(ids) else ""
@@ -664,14 +484,11 @@ class Tracer:
 
 def open_tracer(run: Path | str) -> Tracer:
     """The Tracer of a run folder's release, or of a release folder."""
-    from glassforge.generate import resolve_release
-
-    release = resolve_release(run)
-    trace_dir = release / "trace"
-    if not (trace_dir / "index.json").is_file():
-        raise UserError(f"{release}: the release has no trace index (trace/index.json); "
+    release = Release(resolve_release(run))
+    if not release.trace_index.is_file():
+        raise UserError(f"{release.root}: the release has no trace index (trace/index.json); "
                         f"rebuild it with `glassforge release`")
-    return Tracer(trace_dir)
+    return Tracer(release.trace)
 
 
 def _short(text: str, limit: int = 240) -> str:
@@ -741,7 +558,4 @@ def contains_command(run: Path | str, text: str, as_json: bool = False) -> int:
     print(json.dumps(result, indent=2, ensure_ascii=False) if as_json else format_contains(result))
     return 0 if result["count"] else 1
 
-
-__all__ = ["build_index", "build_index_arrays", "suffix_array", "TraceIndex", "Tracer", "open_tracer",
-           "trace_command", "contains_command", "format_trace", "format_contains"]
 

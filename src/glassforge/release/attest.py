@@ -28,34 +28,51 @@ import platform
 import subprocess
 from pathlib import Path
 
-from glassforge.errors import UserError
-from glassforge.runfolder import atomic_write_bytes, canonical_json, sha256_bytes, sha256_file
+from glassforge import __version__
+from glassforge.core.errors import UserError
+from glassforge.core.files import atomic_write_bytes
+from glassforge.core.hashing import canonical_json, sha256_bytes, sha256_file
+from glassforge.core.manifest import read_manifest_head
+from glassforge.core.runfolder import (
+    RECIPE,
+    TOKENIZER_JSON,
+    TRAINER,
+    TRAINING_STAGES,
+    WEIGHTS,
+    Release,
+    Run,
+    list_checkpoints,
+)
+from glassforge.model.checkpoints import read_checkpoint_log
+from glassforge.train.device import cpu_threads
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://glassforge.dev/attestation/training/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
-SIGNED_FILES = ("attestation.json", "attestation.dsse.json", "signing_key.pub")  # not in manifest.json
 
 
 # --------------------------------------------------------------------------- provenance pieces
 
+def package_root() -> Path:
+    """The glassforge package folder (src/glassforge in a checkout)."""
+    return Path(__file__).resolve().parents[1]
+
+
 def repo_root() -> Path:
     """The source checkout this package runs from (src/glassforge -> repo root)."""
-    return Path(__file__).resolve().parents[2]
+    return package_root().parents[1]
 
 
 def source_sha256() -> str:
-    """One hash of the package's own source (.py files and built-in recipes): the code that ran,
-    committed or not."""
-    pkg = Path(__file__).resolve().parent
-    files = sorted(p for p in pkg.rglob("*") if p.is_file() and p.suffix in (".py", ".toml")
+    """One hash of the package's own source (.py files, built-in recipes, card templates): the code that
+    ran, committed or not."""
+    pkg = package_root()
+    files = sorted(p for p in pkg.rglob("*") if p.is_file() and p.suffix in (".py", ".toml", ".j2")
                    and "__pycache__" not in p.parts)
     return sha256_bytes(canonical_json({p.relative_to(pkg).as_posix(): sha256_file(p) for p in files}))
 
 
 def code_version() -> dict:
-    from glassforge import __version__
-
     info: dict = {"package": "glassforge", "version": __version__, "source_sha256": source_sha256(),
                   "git_commit": None, "git_dirty": None}
     root = repo_root()
@@ -87,7 +104,6 @@ def platform_info() -> dict:
     """What bit-for-bit replay depends on besides the inputs: software, processor, threads."""
     import torch
 
-    from glassforge.train import cpu_threads
 
     cpu = platform.processor() or None
     try:
@@ -107,14 +123,13 @@ def chain_link(prev: str | None, entry: dict) -> str:
     return sha256_bytes(canonical_json({"prev": prev, **body}))
 
 
-def checkpoint_chain(stages: list[tuple[str, list[tuple[int, Path]]]]) -> list[dict]:
-    """Every kept checkpoint, in training order, each linked to the one before."""
+def checkpoint_chain(stages: list[tuple[str, list[dict]]]) -> list[dict]:
+    """Every checkpoint each stage wrote (its checkpoints.jsonl), in training order, each linked to the one before."""
     chain, prev = [], None
-    for stage, ckpts in stages:
-        for step, path in ckpts:
-            entry = {"stage": stage, "step": step, "model_sha256": sha256_file(path / "model.safetensors"),
-                     "optimizer_sha256": sha256_file(path / "optimizer.safetensors"),
-                     "trainer_sha256": sha256_file(path / "trainer.json")}
+    for stage, logged in stages:
+        for logged_entry in logged:
+            entry = {"stage": stage, "step": logged_entry["step"],
+                     **{k: logged_entry[k] for k in ("model_sha256", "optimizer_sha256", "trainer_sha256")}}
             entry["link"] = prev = chain_link(prev, entry)
             chain.append(entry)
     return chain
@@ -134,9 +149,94 @@ def check_chain(chain: list[dict]) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- the predicate
+
+
+def _trained(folder: Path) -> dict | None:
+    ckpts = list_checkpoints(folder)
+    if not ckpts:
+        return None
+    meta = json.loads((ckpts[-1][1] / TRAINER).read_text())
+    # env: how it ran (world size, threads, dtype, compile, torch), which bit-for-bit replay needs to match;
+    # seed and input_hash: what a replay from step 0 starts from and tags its checkpoints with
+    return {"steps": meta["step"], "tokens": meta.get("tokens"), "env": meta.get("env"), "seed": meta.get("seed"),
+            "input_hash": meta.get("recipe_hash"), "checkpoint_every": None}
+
+
+def attestation_predicate(run: Run, carried: list[dict], pack: dict, manifest_sha256: str,
+                          trace_sha256: str | None) -> dict:
+    """Everything the attestation binds, read from the run folder; carried: the checkpoints under replay/,
+    pack: what datapack.write_pack wrote."""
+    recipe = run.load_recipe()
+    data_manifest = read_manifest_head(run)
+    merkle = data_manifest.get("merkle") or {}
+    if not run.shards.is_file():
+        raise UserError(f"{run.shards}: missing; run `glassforge shards {run.root}` first")
+    shards = json.loads(run.shards.read_text())
+    tokenizer_sha = sha256_file(run.tokenizer_json)
+    if shards.get("tokenizer_sha256") != tokenizer_sha:
+        raise UserError(f"{run.shards}: made with another tokenizer than {run.tokenizer}; "
+                        f"run `glassforge shards {run.root}` again")
+    order_sha = data_manifest.get("order_sha256")
+    if shards.get("order_sha256") != order_sha:
+        raise UserError(f"{run.shards}: made from another order.txt than the manifest's; "
+                        f"run `glassforge shards {run.root}` again")
+    stages = [(name, read_checkpoint_log(run.stage_dir(name))) for name in TRAINING_STAGES]
+    stages = [(name, logged) for name, logged in stages if logged]
+    training = {name: _trained(run.stage_dir(name)) for name, _ in stages}
+    for name in training:
+        training[name]["checkpoint_every"] = getattr(recipe, name).checkpoint_every
+    return {
+        "recipe": {"name": recipe.name, "sha256": recipe.hash(), "file": RECIPE},
+        "data": {"mix_merkle_root": merkle["mix"], "source_merkle_roots": merkle.get("sources", {}),
+                 "merkle_construction": merkle.get("construction"), "merkle_leaves": merkle.get("leaves"),
+                 "order_sha256": order_sha, "seed": data_manifest.get("seed", recipe.seed),
+                 "train_order_entries": len(shards.get("train", {}).get("documents", [])),
+                 "train_tokens": shards.get("train", {}).get("tokens"), "pack": pack},
+        "tokenizer": {"sha256": tokenizer_sha, "file": TOKENIZER_JSON},
+        "code": code_version(),
+        "dependency_lock": dependency_lock(),
+        "platform": platform_info(),
+        "training": training,
+        "checkpoints": checkpoint_chain(stages),
+        "replay": {"carried": carried},
+        "trace_index": {"sha256": trace_sha256, "folder": Release(run.release).trace.name} if trace_sha256 else None,
+        "release": {"manifest_sha256": manifest_sha256},
+    }
+
+
+
 # --------------------------------------------------------------------------- the statement
 
-def statement(weights_sha256: str, predicate: dict, weights_name: str = "model.safetensors") -> dict:
+
+def attestation_summary(release: Path) -> dict | None:
+    """What a page or a report shows of a release's attestation, flat; None when it has none (or none readable)."""
+    try:
+        stmt = json.loads(Release(release).attestation.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(stmt, dict):
+        return None
+    pred = stmt.get("predicate") or {}
+    subject = (stmt.get("subject") or [{}])[0]
+    code, data, recipe = pred.get("code") or {}, pred.get("data") or {}, pred.get("recipe") or {}
+    return {
+        "subject": subject.get("name"), "weights_sha256": (subject.get("digest") or {}).get("sha256"),
+        "predicate_type": stmt.get("predicateType"),
+        "recipe_name": recipe.get("name"), "recipe_sha256": recipe.get("sha256"),
+        "tokenizer_sha256": (pred.get("tokenizer") or {}).get("sha256"),
+        "mix_merkle_root": data.get("mix_merkle_root"), "order_sha256": data.get("order_sha256"),
+        "train_tokens": data.get("train_tokens"),
+        "code": {"version": code.get("version"), "git_commit": code.get("git_commit"), "git_dirty": code.get("git_dirty")},
+        "dependency_lock_sha256": (pred.get("dependency_lock") or {}).get("sha256"),
+        "platform": pred.get("platform"),
+        "training": pred.get("training"),
+        "checkpoints": len(pred.get("checkpoints") or []),
+        "trace_index_sha256": (pred.get("trace_index") or {}).get("sha256"),
+        "signed": Release(release).signature.is_file(),
+    }
+
+def statement(weights_sha256: str, predicate: dict, weights_name: str = WEIGHTS) -> dict:
     return {"_type": STATEMENT_TYPE,
             "subject": [{"name": weights_name, "digest": {"sha256": weights_sha256}}],
             "predicateType": PREDICATE_TYPE,
