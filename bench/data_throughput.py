@@ -23,7 +23,7 @@ start and imports, which a build pays once, are left out). MB per CPU-second
 that survives a shared machine: on an idle one, wall MB/s is about it times
 the cores the stage keeps busy.
 
---compare-dedup times the near-duplicate step alone, ours (glassforge.dedup)
+--compare-dedup times the near-duplicate step alone, ours (glassforge.data.dedup)
 against datasketch's MinHash.update_batch + MinHashLSH with the same
 parameters, on the first 20 MB of documents, and reports how many of the
 planted near duplicates each finds.
@@ -104,8 +104,9 @@ def generate(folder: Path, mb: int, seed: int = 0) -> dict:
 
 def make_run(run_dir: Path, corpus: Path) -> None:
     sys.path.insert(0, str(ROOT / "src"))
-    from glassforge.recipe import dump_recipe, parse_recipe
-    from glassforge.runfolder import Run, atomic_write_text
+    from glassforge.core.recipe import dump_recipe, parse_recipe
+    from glassforge.core.files import atomic_write_text
+    from glassforge.core.runfolder import Run
 
     toml = (f'name = "bench"\nseed = 1\n[data]\nval_fraction = 0.01\n[[data.sources]]\nname = "gen"\n'
             f'kind = "files"\nlicense = "CC0-1.0"\npath = "{corpus}"\n[tokenizer]\nvocab_size = 4096\n')
@@ -116,21 +117,21 @@ def make_run(run_dir: Path, corpus: Path) -> None:
 def child(stage: str, run_dir: Path) -> None:
     """Run one stage in this (child) process."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    from glassforge.runfolder import Run
+    from glassforge.core.runfolder import Run
 
-    import glassforge.data  # noqa: F401  (imports, torch included via recipe.py, are not the stage's work)
-    import glassforge.shards  # noqa: F401
+    import glassforge.data.stage  # noqa: F401  (imports are not the stage's work)
+    import glassforge.tokenizer.shards  # noqa: F401
 
     run = Run(run_dir)
     run.load_recipe()
     t, c = time.perf_counter(), _own_cpu()
     if stage == "data":
-        from glassforge.data import run_data
+        from glassforge.data.stage import run_data
 
         print(json.dumps({k: v for k, v in run_data(run).items() if k != "sources"}))
     elif stage == "tokenizer":
-        from glassforge.data import iter_documents
-        from glassforge.tokenizer import train_tokenizer, write_tokenizer_files
+        from glassforge.data.documents import iter_documents
+        from glassforge.tokenizer.bpe import train_tokenizer, write_tokenizer_files
 
         def sample():
             n = 0
@@ -141,7 +142,7 @@ def child(stage: str, run_dir: Path) -> None:
                     return
         write_tokenizer_files(run.tokenizer, train_tokenizer(sample(), 4096))
     elif stage == "shards":
-        from glassforge.shards import run_shards
+        from glassforge.tokenizer.shards import run_shards
 
         print(json.dumps(run_shards(run)))
     print(json.dumps({"stage_seconds": time.perf_counter() - t, "stage_cpu_seconds": _own_cpu() - c}))
@@ -201,10 +202,10 @@ def compare_dedup(corpus: Path, limit_mb: int = 20) -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from datasketch import MinHash, MinHashLSH
 
-    from glassforge.data import normalize
-    from glassforge.dedup import LSHIndex, MinHasher, Words
-    from glassforge.recipe import SourceConfig
-    from glassforge.sources import iter_source
+    from glassforge.data.clean import normalize
+    from glassforge.data.dedup import LSHIndex, MinHasher, Words
+    from glassforge.core.recipe import SourceConfig
+    from glassforge.data.sources import iter_source
 
     texts, n = [], 0
     for raw in iter_source(SourceConfig(name="g", kind="files", path=str(corpus))):

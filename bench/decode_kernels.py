@@ -52,7 +52,7 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from glassforge.engine import compile_settings, quantize_int8
+    from glassforge.serve.fastpath import compile_settings, quantize_int8
 
     warnings.filterwarnings("ignore")  # torch.ao's quantised tensors are deprecated; still the fbgemm path
     torch.set_num_threads(args.threads)

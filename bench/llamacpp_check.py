@@ -3,7 +3,7 @@
     .venv/bin/pip install -c constraints.txt llama-cpp-python   # compiles llama.cpp: ~8 min on 2 cores
     .venv/bin/python bench/llamacpp_check.py RUN/release [--gguf FILE] [--tokens 32]
 
-Exports the release with `glassforge.export.export_gguf` (unless --gguf names
+Exports the release with `glassforge.release.export.export_gguf` (unless --gguf names
 a file already made), loads it in llama.cpp, and compares with glassforge's
 own model and tokenizer:
 
@@ -51,14 +51,14 @@ def main() -> int:
               file=sys.stderr)
         return 2
 
-    from glassforge.export import export_gguf
-    from glassforge.generate import generate_ids
-    from glassforge.model import Llama
-    from glassforge.tokenizer import END, ENDOFTEXT, load_tokenizer, render_chat
+    from glassforge.release.export import export_gguf
+    from glassforge.model.generate import generate_ids
+    from glassforge.model.hf import load_pretrained
+    from glassforge.tokenizer.bpe import END, ENDOFTEXT, load_tokenizer, render_chat
 
     with tempfile.TemporaryDirectory() as tmp:
         gguf_path = args.gguf or Path(export_gguf(args.release, Path(tmp) / "model.gguf")["gguf"])
-        ours = Llama.from_pretrained(args.release)
+        ours = load_pretrained(args.release)
         tok = load_tokenizer(args.release)
         llm = LlamaCpp(model_path=str(gguf_path), n_ctx=ours.cfg.max_seq_len, logits_all=True, verbose=False,
                        n_threads=2, seed=0)

@@ -91,7 +91,7 @@ def run_lm_eval(base_url: str, model: str, max_length: int, engine, workdir: Pat
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from glassforge.engine import SamplingParams
+    from glassforge.serve.types import SamplingParams
 
     write_tasks(workdir)
     out = simple_evaluate(
@@ -126,8 +126,8 @@ def run_lm_eval(base_url: str, model: str, max_length: int, engine, workdir: Pat
         if got != text:
             problems.append(f"gf_gen: lm_eval got {got!r}, the engine makes {text!r}")
     # The same task through our own `glassforge eval` scorer must agree within one point of accuracy.
-    from glassforge.evaluate import score_multiple_choice
-    from glassforge.tokenizer import load_tokenizer
+    from glassforge.evaluate.stage import score_multiple_choice
+    from glassforge.tokenizer.bpe import load_tokenizer
 
     docs = [s["doc"] for s in out["samples"]["gf_mc"]]
     ours = score_multiple_choice(engine.model, load_tokenizer(engine.folder), docs)["acc"]
@@ -152,8 +152,8 @@ def main() -> int:
 
     import uvicorn
 
-    from glassforge.engine import Engine
-    from glassforge.serve import create_app
+    from glassforge.serve.engine import Engine
+    from glassforge.serve.app import create_app
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.release:

@@ -94,7 +94,7 @@ def start_llama_server(release: Path, folder: Path, streams: int, threads: int) 
     """llama.cpp's own server on the release exported to Q8_0 (the GGUF of our int8 decode)."""
     import json
 
-    from glassforge.export import export_gguf
+    from glassforge.release.export import export_gguf
 
     binary = find_llama_server()
     if binary is None:
@@ -118,7 +118,7 @@ def main() -> int:
     p.add_argument("--peer-threads", type=int, default=1, help="llama-server's decode threads (-t)")
     args = p.parse_args()
 
-    from glassforge.tokenizer import load_tokenizer
+    from glassforge.tokenizer.bpe import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         release = args.release or make_random_release(Path(tmp))

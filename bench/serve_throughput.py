@@ -24,7 +24,7 @@ one stream, REPEATS for the aggregates):
 - HF transformers `generate()` on the same safetensors (f32), single stream,
   decode rate measured the same way (time of N tokens minus time of 1 token).
 - llama.cpp through llama-cpp-python on the same weights exported to GGUF by
-  `glassforge.export.export_gguf` at the precision of our decode weights
+  `glassforge.release.export.export_gguf` at the precision of our decode weights
   (int8 -> Q8_0, bf16 -> BF16, f32 -> F32; --gguf-dtype overrides); skipped
   with a message when llama_cpp or the export is unavailable.
 - llama.cpp behind HTTP, on the same GGUF, driven by the same kind of
@@ -77,10 +77,11 @@ def make_random_release(folder: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from glassforge import pystdlib
-    from glassforge.model import Llama, ModelConfig
-    from glassforge.release import write_model_folder
-    from glassforge.tokenizer import train_tokenizer, write_tokenizer_files
+    from glassforge.data import pystdlib
+    from glassforge.core.recipe import ModelConfig
+    from glassforge.model.llama import Llama
+    from glassforge.release.stage import write_model_folder
+    from glassforge.tokenizer.bpe import train_tokenizer, write_tokenizer_files
 
     texts = [d.text for d in pystdlib.iter_documents(["json", "textwrap", "string", "csv", "difflib"])]
     tok = train_tokenizer(texts, 4096)
@@ -233,7 +234,7 @@ def llama_server_argv(binary: str, gguf: Path, n_ctx: int, slots: int, threads: 
 
 def peer_body(release: Path) -> dict:
     """A greedy completion request for a peer server, end-of-text biased away (the peers have no ignore_eos)."""
-    from glassforge.tokenizer import END, ENDOFTEXT, load_tokenizer
+    from glassforge.tokenizer.bpe import END, ENDOFTEXT, load_tokenizer
 
     tok = load_tokenizer(release)
     return {"prompt": PROMPT, "temperature": 0, "logit_bias": {str(tok.token_to_id(t)): -100 for t in (END, ENDOFTEXT)}}
@@ -326,7 +327,8 @@ def bench_server(release: Path, prompt_ids: list[int], tokens: int, levels: list
 def bench_engine(release: Path, prompt_ids: list[int], tokens: int) -> float:
     import queue
 
-    from glassforge.engine import Engine, SamplingParams
+    from glassforge.serve.engine import Engine
+    from glassforge.serve.types import SamplingParams
 
     engine = Engine(release, max_batch=1)
     try:
@@ -383,7 +385,7 @@ def bench_llamacpp(release: Path, gguf: Path, prompt_ids: list[int], tokens: int
         from llama_cpp import Llama as LlamaCpp
     except ImportError:
         return None, "llama-cpp-python is not installed (.venv/bin/pip install -c constraints.txt llama-cpp-python)"
-    from glassforge.tokenizer import END, ENDOFTEXT, load_tokenizer
+    from glassforge.tokenizer.bpe import END, ENDOFTEXT, load_tokenizer
 
     tok = load_tokenizer(release)
     n_ctx = json.loads((release / "config.json").read_text())["max_position_embeddings"]
@@ -420,7 +422,8 @@ def probe_threads(release: Path, batches=(1, 4, 16, 32), span: int = 150, steps:
     """Median and 10th-percentile ms per decode step at each batch size, with 1 and with all threads."""
     import torch
 
-    from glassforge.engine import Engine, compile_settings
+    from glassforge.serve.engine import Engine
+    from glassforge.serve.fastpath import compile_settings
 
     engine = Engine(release, max_batch=max(batches))
     print("decode weights:", engine.fast.weights, "compiled:", engine.wait_compiled())
@@ -472,10 +475,10 @@ def main() -> int:
 
     import torch
 
-    from glassforge.engine import DEFAULT_DECODE_WEIGHTS
-    from glassforge.export import export_gguf
-    from glassforge.generate import resolve_release
-    from glassforge.tokenizer import load_tokenizer
+    from glassforge.serve.fastpath import DEFAULT_DECODE_WEIGHTS
+    from glassforge.release.export import export_gguf
+    from glassforge.core.runfolder import resolve_release
+    from glassforge.tokenizer.bpe import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)

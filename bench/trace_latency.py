@@ -35,7 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from glassforge.trace import TraceIndex, Tracer, build_index, build_index_arrays  # noqa: E402
+from glassforge.release.trace import TraceIndex, Tracer  # noqa: E402
+from glassforge.release.trace_index import build_index, build_index_arrays  # noqa: E402
 
 VOCAB = 32_000
 EOT = 0
@@ -206,10 +207,12 @@ def infinigram_peer(tokens, offsets, workdir: Path, queries: dict, index: TraceI
 # ----------------------------------------------------------------------------------- real release
 
 
-def real_release(arg: str | None, workdir: Path) -> tuple[Path, str]:
-    """A release folder with trace/ and tokenizer.json: given, or built from a recipe's data stages."""
-    from glassforge.recipe import builtin_recipes, dump_recipe, load_recipe
-    from glassforge.runfolder import Run, atomic_write_text
+def real_release(arg: str | None, workdir: Path) -> tuple[Path, str, float | None]:
+    """A release folder with trace/ and tokenizer.json, given or built from a recipe's data stages, and the
+    index's build time when it was built here."""
+    from glassforge.core.recipe import builtin_recipes, dump_recipe, load_recipe
+    from glassforge.core.files import atomic_write_text
+    from glassforge.core.runfolder import Run
 
     if arg and not Path(arg).is_dir() and ("/" in arg or arg.endswith(".toml")) and not Path(arg).is_file():
         raise SystemExit(f"{arg}: no such folder")
@@ -217,16 +220,16 @@ def real_release(arg: str | None, workdir: Path) -> tuple[Path, str]:
         path = Path(arg)
         for cand in (path, path / "release"):
             if (cand / "trace" / "index.json").is_file():
-                return cand, str(cand)
+                return cand, str(cand), None
         if (path / "data" / "shards.json").is_file():
             run = Run(path)
         else:
             raise SystemExit(f"{arg}: neither a release with trace/ nor a run folder with token shards")
         label = f"run {path}"
     else:
-        from glassforge.data import run_data
-        from glassforge.shards import run_shards
-        from glassforge.tokenizer import run_tokenizer
+        from glassforge.data.stage import run_data
+        from glassforge.tokenizer.shards import run_shards
+        from glassforge.tokenizer.bpe import run_tokenizer
 
         name = arg or ("default" if "default" in builtin_recipes() else "tiny")
         run = Run.create(workdir / f"run-{name}")
@@ -238,15 +241,15 @@ def real_release(arg: str | None, workdir: Path) -> tuple[Path, str]:
     rel = workdir / "release"
     rel.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run.tokenizer / "tokenizer.json", rel / "tokenizer.json")
-    build_index(run.data, rel / "trace")
+    info = build_index(run, rel / "trace")
     rel.joinpath(".run").write_text(str(run.root))
-    return rel, label
+    return rel, label, info["build_seconds"]
 
 
 def real_queries(tracer: Tracer, rel: Path, n: int, seed: int = 2) -> dict[str, list[str]]:
     """256-token windows of training documents (copied) and of validation documents (novel)."""
-    from glassforge.data import iter_documents
-    from glassforge.runfolder import Run
+    from glassforge.data.documents import iter_documents
+    from glassforge.core.runfolder import Run
 
     rng = np.random.default_rng(seed)
     run_file = rel / ".run"
@@ -327,14 +330,14 @@ def main() -> int:
             del index, tokens, offsets
             shutil.rmtree(workdir / "synthetic", ignore_errors=True)
 
-        rel, label = real_release(args.release, workdir)
+        rel, label, build_s = real_release(args.release, workdir)
         tracer = Tracer(rel / "trace")
         meta = tracer.index.meta
         real = {"release": label, "tokens": meta["tokens"], "documents": meta["documents"],
-                "build_seconds": meta["build_seconds"],
-                "build_mtok_per_s": round(meta["tokens"] / max(meta["build_seconds"], 1e-9) / 1e6, 3)}
-        print(f"real: {label}: {meta['tokens']:,} tokens, {meta['documents']:,} documents, index built in "
-              f"{meta['build_seconds']} s", flush=True)
+                "build_seconds": build_s,
+                "build_mtok_per_s": round(meta["tokens"] / max(build_s, 1e-9) / 1e6, 3) if build_s else None}
+        print(f"real: {label}: {meta['tokens']:,} tokens, {meta['documents']:,} documents"
+              + (f", index built in {build_s} s" if build_s else " (index built earlier)"), flush=True)
         for kind, texts in real_queries(tracer, rel, args.queries).items():
             real[kind] = time_calls(lambda text: tracer.trace(text, min_tokens=8, max_docs=5), texts)
             print(f"real {kind:7s} 256-token Tracer.trace: p50 {real[kind]['p50_ms']} ms, "

@@ -11,11 +11,15 @@ can only lower it, which would flatter MFU; the best is the conservative one).
 Models take turns, one step each per round, so a neighbour's load falls on all
 of them alike; we report the median step and the fastest (least disturbed) one.
 
-glassforge runs as the trainer runs it (torch.compile per `--compile`);
-HF runs eager, the way `Trainer` runs it by default. Compile time is reported
-separately: it is paid once per run and counts on short runs.
+glassforge runs as the trainer runs it (torch.compile per `--compile`, with
+deterministic kernels, `train.device.deterministic`); HF runs eager, the way
+`Trainer` runs it by default. Compile time is reported separately: it is paid
+once per run and counts on short runs. `--deterministic both` adds compiled
+glassforge without deterministic kernels, side by side in the same rounds:
+what determinism costs.
 
     flock /tmp/gf-cpu.lock .venv/bin/python bench/train_throughput.py
+    .venv/bin/python bench/train_throughput.py --sizes 256 --vocab 4096 --batch 16 --no-hf --deterministic both
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
-from glassforge.model import Llama, ModelConfig, flops_per_token
-from glassforge.recipe import TrainConfig
-from glassforge.train import autocast, build_optimizers, pick_dtype
+from glassforge.core.recipe import ModelConfig
+from glassforge.model.llama import Llama, flops_per_token
+from glassforge.core.recipe import TrainConfig
+from glassforge.train.device import deterministic, pick_dtype
+from glassforge.train.loop import autocast
+from glassforge.train.optim import build_optimizers
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, tries: int = 5, reps: int = 4) -> float:
@@ -54,17 +62,18 @@ def hf_model(cfg: ModelConfig):
     return LlamaForCausalLM(hf_cfg)
 
 
-def make_step(model, forward, opts, x, y, dtype, clip=1.0):
+def make_step(model, forward, opts, x, y, dtype, clip=1.0, exact: bool = False):
     device = torch.device("cpu")
 
     def step():
-        with autocast(device, dtype):
-            loss = forward(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        for opt in opts:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        with deterministic() if exact else nullcontext():
+            with autocast(device, dtype):
+                loss = forward(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            for opt in opts:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         return loss
 
     return step
@@ -82,6 +91,8 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--compile", default="on", choices=["on", "off", "both"],
                    help="glassforge with torch.compile, without, or both")
+    p.add_argument("--deterministic", default="on", choices=["on", "off", "both"],
+                   help="compiled glassforge with deterministic kernels (as the trainer runs), without, or both")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
@@ -102,13 +113,16 @@ def main() -> None:
         tokens = args.batch * args.seq
         variants = []
         if not args.no_hf:
-            variants.append(("HF LlamaForCausalLM", "hf", False))
+            variants.append(("HF LlamaForCausalLM", "hf", False, False))
         if args.compile in ("off", "both"):
-            variants.append(("glassforge eager", "gf", False))
+            variants.append(("glassforge eager", "gf", False, args.deterministic != "off"))
         if args.compile in ("on", "both"):
-            variants.append(("glassforge compiled", "gf", True))
+            if args.deterministic in ("on", "both"):
+                variants.append(("glassforge compiled", "gf", True, True))
+            if args.deterministic in ("off", "both"):
+                variants.append(("glassforge compiled, not deterministic", "gf", True, False))
         runners = []
-        for name, kind, compiled in variants:
+        for name, kind, compiled, exact in variants:
             torch.manual_seed(0)
             if kind == "hf":
                 model = hf_model(cfg).train()
@@ -122,7 +136,7 @@ def main() -> None:
                 def forward(x, y, fwd=fwd):
                     return fwd(x, y)[1]
             opts = build_optimizers(model, tcfg)
-            step = make_step(model, forward, opts, x, y, dtype)
+            step = make_step(model, forward, opts, x, y, dtype, exact=exact)
             t = time.perf_counter()
             for _ in range(args.warmup):
                 step()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from glassforge.build import fingerprint
-from glassforge.runfolder import Run
+from glassforge.core.stages import fingerprint
+from glassforge.core.runfolder import Run
 
 
 def _weights(run: Run) -> list[Path]:

@@ -10,10 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from glassforge import data as gdata
-from glassforge.errors import UserError
-from glassforge.recipe import dump_recipe, parse_recipe
-from glassforge.runfolder import Run, atomic_write_text
+from glassforge.core.errors import UserError
+from glassforge.core.files import atomic_write_text
+from glassforge.core.manifest import iter_manifest_entries, read_manifest_head
+from glassforge.core.merkle import merkle_root
+from glassforge.core.recipe import dump_recipe, parse_recipe
+from glassforge.core.runfolder import Run
+from glassforge.data.card import write_data_card
+from glassforge.data.checks import verify_data
+from glassforge.data.clean import filter_reason, json_string_of_normalized, normalize
+from glassforge.data.documents import iter_documents
+from glassforge.data.stage import _Analyzer, input_fingerprint, run_data
+from glassforge.tools.inspect import inspect
 
 VOCAB = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ru", "sa", "ti", "vo", "ze", "bra", "cle", "dro")
          for b in ("n", "st", "ve", "rd", "mp", "ll", "x", "th", "ck", "ng", "sh", "rk", "lf", "ft", "pt")]
@@ -53,14 +61,14 @@ def make_run(root: Path, sources: list[dict], seed: int = 7, **data) -> Run:
 
 
 def entries(run: Run) -> dict[str, dict]:
-    return {d["id"]: d for d in gdata.load_manifest(run)["documents"]}
+    return {d["id"]: d for d in iter_manifest_entries(run)}
 
 
 def build_shards(run: Run) -> None:
-    from glassforge.shards import run_shards
-    from glassforge.tokenizer import run_tokenizer
+    from glassforge.tokenizer.bpe import run_tokenizer
+    from glassforge.tokenizer.shards import run_shards
 
-    gdata.run_data(run)
+    run_data(run)
     run_tokenizer(run)
     run_shards(run)
 
@@ -70,22 +78,22 @@ def build_shards(run: Run) -> None:
 
 def test_normalize_nfc_controls_whitespace():
     text = "Cafe\u0301\x00 ok\u00a0here \t\r\nline\x07two  \n\n\n\nend\u2028x  "
-    out = gdata.normalize(text)
+    out = normalize(text)
     assert out == "Caf\u00e9 ok here\nlinetwo\n\nend\nx"
-    assert gdata.normalize(out) == out
+    assert normalize(out) == out
 
 
 def test_filter_reasons():
-    from glassforge.recipe import DataConfig
+    from glassforge.core.recipe import DataConfig
 
     cfg = DataConfig(min_chars=10, max_chars=100, max_non_text_fraction=0.3, max_repeated_line_fraction=0.5)
-    assert gdata.filter_reason("short", cfg) == "too_short"
-    assert gdata.filter_reason("x" * 101, cfg) == "too_long"
-    assert gdata.filter_reason("12345 67890 {}[]<> ##", cfg) == "non_text"
-    assert gdata.filter_reason("été 1234567890 ÷÷÷÷", cfg) == "non_text"  # non-ASCII path
-    assert gdata.filter_reason("same line\nsame line\nsame line\nsame line\nother", cfg) == "repeated_lines"
-    assert gdata.filter_reason("A plain sentence, with words.", cfg) is None
-    assert gdata.filter_reason("Une phrase en français, déjà écrite.", cfg) is None
+    assert filter_reason("short", cfg) == "too_short"
+    assert filter_reason("x" * 101, cfg) == "too_long"
+    assert filter_reason("12345 67890 {}[]<> ##", cfg) == "non_text"
+    assert filter_reason("été 1234567890 ÷÷÷÷", cfg) == "non_text"  # non-ASCII path
+    assert filter_reason("same line\nsame line\nsame line\nsame line\nother", cfg) == "repeated_lines"
+    assert filter_reason("A plain sentence, with words.", cfg) is None
+    assert filter_reason("Une phrase en français, déjà écrite.", cfg) is None
 
 
 # --------------------------------------------------------------------------- sources and bad input
@@ -115,7 +123,7 @@ def test_file_formats_and_bad_input_are_recorded_not_fatal(tmp_path):
     (src / "image.png").write_bytes(b"\x89PNG")
     os.symlink(tmp_path / "nowhere.txt", src / "unreadable.txt")
     run = make_run(tmp_path / "run", [{"name": "files", "kind": "files", "path": str(src), "license": "CC0-1.0"}])
-    summary = gdata.run_data(run)
+    summary = run_data(run)
     e = entries(run)
     reason = {k: (v["status"], v["reason"]) for k, v in e.items()}
     assert reason["files:a.txt"] == ("kept", None)
@@ -146,7 +154,7 @@ def test_file_formats_and_bad_input_are_recorded_not_fatal(tmp_path):
     for code in ("malformed_json", "missing_text_field", "invalid_utf8", "binary", "empty_file", "too_long",
                  "corrupt_parquet", "unreadable", "unsupported_file_type"):
         assert summary["dropped"][code] >= 1, code
-    card = gdata.write_data_card(run, tmp_path / "card").read_text()
+    card = write_data_card(run, tmp_path / "card").read_text()
     for code, n in summary["dropped"].items():
         assert f"| `{code}` |" in card and f" {n} |" in card
     assert "CC0-1.0" in card and (tmp_path / "card" / "data_lengths.png").stat().st_size > 1000
@@ -159,18 +167,18 @@ def test_missing_source_path_is_a_user_error_before_any_work(tmp_path):
     run = make_run(tmp_path / "run", [{"name": "good", "kind": "files", "path": str(good)},
                                       {"name": "gone", "kind": "files", "path": str(tmp_path / "missing")}])
     with pytest.raises(UserError, match=r"data.sources\[1\] 'gone': path '.*missing' does not exist"):
-        gdata.run_data(run)
+        run_data(run)
     assert not (run.data / "documents.jsonl").exists()
     from glassforge.cli import main
 
     assert main(["data", str(run.root)]) == 2  # one line on stderr, no traceback
     run = make_run(tmp_path / "run2", [{"name": "x", "kind": "files", "path": str(good), "weight": -1.0}])
     with pytest.raises(UserError, match="weight"):
-        gdata.run_data(run)
+        run_data(run)
     (tmp_path / "x.csv").write_text("a,b")
     run = make_run(tmp_path / "run3", [{"name": "x", "kind": "files", "path": str(tmp_path / "x.csv")}])
     with pytest.raises(UserError, match="cannot read '.csv'"):
-        gdata.run_data(run)
+        run_data(run)
 
 
 def test_hf_dataset_offline_from_local_layout(tmp_path):
@@ -190,15 +198,15 @@ def test_hf_dataset_offline_from_local_layout(tmp_path):
         {"name": "hub", "kind": "hf", "path": str(tmp_path / "hub_layout"), "text_field": "content",
          "split": "train", "license": "CC-BY-4.0"},
         {"name": "disk", "kind": "hf", "path": str(saved), "text_field": "content", "split": "train"}])
-    gdata.run_data(run)
+    run_data(run)
     e = entries(run)
-    kept = [d for d in gdata.iter_documents(run)]
-    assert [d["text"] for d in kept] == [gdata.normalize(t) for t in texts]
+    kept = [d for d in iter_documents(run)]
+    assert [d["text"] for d in kept] == [normalize(t) for t in texts]
     assert e["hub:train#4"]["license"] == "CC-BY-4.0"
     assert e["disk:train#0"]["reason"] == "exact_duplicate" and e["disk:train#0"]["duplicate_of"] == "hub:train#0"
     assert e["disk:train#2"]["reason"] == "missing_text_field"
     with pytest.raises(UserError, match="does not exist"):
-        gdata.run_data(make_run(tmp_path / "r2", [{"name": "h", "kind": "hf", "path": str(tmp_path / "nope")}]))
+        run_data(make_run(tmp_path / "r2", [{"name": "h", "kind": "hf", "path": str(tmp_path / "nope")}]))
 
 
 # --------------------------------------------------------------------------- dedup and decontamination
@@ -220,7 +228,7 @@ def test_exact_and_planted_near_duplicates_found(tmp_path):
         (src / f"{i:03d}_b.txt").write_text(" ".join(w))
     (src / "999_copy.txt").write_text(originals[3])
     run = make_run(tmp_path / "run", [{"name": "c", "kind": "files", "path": str(src)}])
-    summary = gdata.run_data(run)
+    summary = run_data(run)
     e = entries(run)
     found = sum(e[f"c:{i:03d}_b.txt"]["reason"] == "near_duplicate"
                 and e[f"c:{i:03d}_b.txt"]["duplicate_of"] == f"c:{i:03d}_a.txt" for i in originals)
@@ -233,7 +241,7 @@ def test_exact_and_planted_near_duplicates_found(tmp_path):
 def test_minhash_estimates_jaccard_like_datasketch():
     from datasketch import MinHash
 
-    from glassforge.dedup import MinHasher, estimated_jaccard
+    from glassforge.data.dedup import MinHasher, estimated_jaccard
 
     rng = random.Random(11)
     mh = MinHasher(112, 5)
@@ -270,13 +278,13 @@ def test_decontamination_drops_and_counts(tmp_path):
                        + json.dumps({"prompt": near_miss, "answer": "x"}) + "\n")
     run = make_run(tmp_path / "run", [{"name": "c", "kind": "files", "path": str(src)}],
                    decontaminate=[str(evalset)])
-    summary = gdata.run_data(run)
+    summary = run_data(run)
     e = entries(run)
     assert e["c:1.txt"]["reason"] == "contaminated" and e["c:1.txt"]["contaminated_by"] == [str(evalset)]
     assert e["c:2.txt"]["status"] == "kept"
     s = summary["decontamination"]["sets"][str(evalset)]
     assert s["documents_dropped"] == 1 and s["items"] == 4 and s["items_shorter_than_n"] == 3
-    card = gdata.write_data_card(run, tmp_path / "card").read_text()
+    card = write_data_card(run, tmp_path / "card").read_text()
     assert f"| `{evalset}` | 4 | 3 |" in card
 
 
@@ -293,16 +301,21 @@ def test_merkle_root_definition():
         return hashlib.sha256(b"\x01" + a + b).digest()
 
     # RFC 6962: split at the largest power of two below n.
-    assert gdata.merkle_root(h[:1]) == leaf[0].hex()
-    assert gdata.merkle_root(h[:3]) == node(node(leaf[0], leaf[1]), leaf[2]).hex()
+    assert merkle_root(h[:1]) == leaf[0].hex()
+    assert merkle_root(h[:3]) == node(node(leaf[0], leaf[1]), leaf[2]).hex()
     want7 = node(node(node(leaf[0], leaf[1]), node(leaf[2], leaf[3])), node(node(leaf[4], leaf[5]), leaf[6]))
-    assert gdata.merkle_root(h) == want7.hex() == gdata.merkle_root([x.hex() for x in h])
-    assert gdata.merkle_root([]) == hashlib.sha256(b"").hexdigest()
-    try:
-        from glassforge.attest import merkle_root as attest_root
-    except ImportError:
-        return
-    assert attest_root([x.hex() for x in h]) == gdata.merkle_root(h)
+    assert merkle_root(h) == want7.hex() == merkle_root([x.hex() for x in h])
+    assert merkle_root([]) == hashlib.sha256(b"").hexdigest()
+
+    def rfc6962(leaves: list[bytes]) -> bytes:  # the RFC's recursive definition, MTH(D[n])
+        if len(leaves) == 1:
+            return hashlib.sha256(b"\x00" + leaves[0]).digest()
+        k = 1 << ((len(leaves) - 1).bit_length() - 1)  # the largest power of two below n
+        return node(rfc6962(leaves[:k]), rfc6962(leaves[k:]))
+
+    digests = [hashlib.sha256(bytes([i])).digest() for i in range(70)]
+    for n in range(1, 71):
+        assert merkle_root(digests[:n]) == rfc6962(digests[:n]).hex(), n
 
 
 def _two_source_corpus(tmp_path: Path, seed: int = 2) -> tuple[Path, Path]:
@@ -321,14 +334,13 @@ def test_one_byte_changes_its_hash_its_source_root_and_the_mix_root_only(tmp_pat
     a, b = _two_source_corpus(tmp_path / "in")
     sources = [{"name": "a", "kind": "files", "path": str(a)}, {"name": "b", "kind": "files", "path": str(b)}]
     run1 = make_run(tmp_path / "r1", sources, val_fraction=0.0)
-    gdata.run_data(run1)
+    run_data(run1)
     text = (a / "3.txt").read_bytes()
     (a / "3.txt").write_bytes(text[:10] + (b"Q" if text[10:11] != b"Q" else b"R") + text[11:])
     run2 = make_run(tmp_path / "r2", sources, val_fraction=0.0)
-    gdata.run_data(run2)
-    m1, m2 = gdata.load_manifest(run1), gdata.load_manifest(run2)
-    d1 = {d["id"]: d for d in m1["documents"]}
-    d2 = {d["id"]: d for d in m2["documents"]}
+    run_data(run2)
+    m1, m2 = read_manifest_head(run1), read_manifest_head(run2)
+    d1, d2 = entries(run1), entries(run2)
     changed = [k for k in d1 if d1[k]["sha256"] != d2[k]["sha256"]]
     assert changed == ["a:3.txt"]
     assert all(d1[k] == d2[k] for k in d1 if k != "a:3.txt")
@@ -337,7 +349,7 @@ def test_one_byte_changes_its_hash_its_source_root_and_the_mix_root_only(tmp_pat
     assert m1["merkle"]["mix"] != m2["merkle"]["mix"]
     assert m1["order_sha256"] == m2["order_sha256"]
     assert (run1.data / "order.txt").read_bytes() == (run2.data / "order.txt").read_bytes()
-    checks = gdata.verify_data(run2)
+    checks = verify_data(run2)
     assert all(ok for _, ok, _ in checks), checks
 
 
@@ -353,7 +365,7 @@ def test_sampling_weights_repeat_and_subsample(tmp_path):
                                       {"name": "half", "kind": "files", "path": str(folders["half"]), "weight": 0.5},
                                       {"name": "none", "kind": "files", "path": str(folders["none"]), "weight": 0.0}],
                    val_fraction=0.0)
-    gdata.run_data(run)
+    run_data(run)
     order = (run.data / "order.txt").read_text().splitlines()
     counts = {}
     for d in order:
@@ -364,7 +376,7 @@ def test_sampling_weights_repeat_and_subsample(tmp_path):
     assert 10 <= half <= 30 and all(counts[d] == 1 for d in order if d.startswith("half:"))
     e = entries(run)
     assert sum(v.get("repeats", 0) for v in e.values()) == len(order)
-    assert all(ok for _, ok, _ in gdata.verify_data(run))
+    assert all(ok for _, ok, _ in verify_data(run))
 
 
 def test_same_inputs_give_byte_identical_manifest_and_shards(tmp_path):
@@ -374,65 +386,65 @@ def test_same_inputs_give_byte_identical_manifest_and_shards(tmp_path):
     runs = [make_run(tmp_path / f"r{i}", sources, val_fraction=0.3) for i in range(2)]
     for run in runs:
         build_shards(run)
-    names = ["manifest.json", "documents.jsonl", "order.txt", "shards.json", "train.bin", "val.bin",
-             "train.offsets.npy", "val.offsets.npy"]
+    names = ["manifest.json", "manifest.jsonl", "documents.jsonl", "order.txt", "shards.json", "train.bin",
+             "val.bin", "train.offsets.npy", "val.offsets.npy"]
     for name in names:
         assert (runs[0].data / name).read_bytes() == (runs[1].data / name).read_bytes(), name
     assert sorted(p.name for p in runs[0].data.iterdir()) == sorted(names)  # no temporary files left
 
 
 def test_shards_follow_order_and_every_token_maps_back(tmp_path):
-    from glassforge.shards import TokenStream, document_tokens
-    from glassforge.tokenizer import load_tokenizer
+    from glassforge.tokenizer.bpe import load_tokenizer
+    from glassforge.tokenizer.shards import TokenStream, document_tokens
 
     a, b = _two_source_corpus(tmp_path / "in")
     run = make_run(tmp_path / "run", [{"name": "a", "kind": "files", "path": str(a), "weight": 2.0},
                                       {"name": "b", "kind": "files", "path": str(b)}], val_fraction=0.2)
     build_shards(run)
-    stream = TokenStream(run.data, "train")
+    stream = TokenStream(run, "train")
     assert stream.doc_ids == (run.data / "order.txt").read_text().splitlines()
     info = json.loads((run.data / "shards.json").read_text())
-    assert info["order_sha256"] == gdata.load_manifest(run)["order_sha256"]
+    assert info["order_sha256"] == read_manifest_head(run)["order_sha256"]
     tok = load_tokenizer(run.tokenizer)
-    texts = {d["id"]: d["text"] for d in gdata.iter_documents(run)}
+    texts = {d["id"]: d["text"] for d in iter_documents(run)}
     per_doc = document_tokens(run)
     for i, doc_id in enumerate(stream.doc_ids):
         lo, hi = int(stream.offsets[i]), int(stream.offsets[i + 1])
         assert tok.decode(stream.tokens[lo:hi - 1].tolist()) == texts[doc_id]
         assert per_doc[doc_id] == hi - lo - 1
         assert stream.document_of(lo) == i and stream.document_of(hi - 1) == i
-    val = TokenStream(run.data, "val")
-    assert val.doc_ids == [d["id"] for d in gdata.iter_documents(run, "val")]
+    val = TokenStream(run, "val")
+    assert val.doc_ids == [d["id"] for d in iter_documents(run, "val")]
 
 
 def test_verify_detects_a_changed_document(tmp_path):
     a, b = _two_source_corpus(tmp_path / "in")
     run = make_run(tmp_path / "run", [{"name": "a", "kind": "files", "path": str(a)}], val_fraction=0.0)
-    gdata.run_data(run)
-    assert all(ok for _, ok, _ in gdata.verify_data(run))
+    run_data(run)
+    assert all(ok for _, ok, _ in verify_data(run))
     lines = (run.data / "documents.jsonl").read_text().splitlines()
     doc = json.loads(lines[2])
     doc["text"] = doc["text"].replace("a", "b", 1) if "a" in doc["text"] else doc["text"] + "!"
     lines[2] = json.dumps(doc)
     (run.data / "documents.jsonl").write_text("\n".join(lines) + "\n")
-    failed = {name for name, ok, _ in gdata.verify_data(run) if not ok}
+    failed = {name for name, ok, _ in verify_data(run) if not ok}
     assert failed == {"document hashes", "mix merkle root", "merkle root of source a"}
 
 
 def test_input_fingerprint_tracks_files_and_seed(tmp_path):
-    from glassforge.recipe import load_recipe
+    from glassforge.core.recipe import load_recipe
 
     a, _ = _two_source_corpus(tmp_path / "in")
     run = make_run(tmp_path / "run", [{"name": "a", "kind": "files", "path": str(a)}])
     recipe = load_recipe(run.recipe)
-    fp = gdata.input_fingerprint(recipe)
-    assert fp == gdata.input_fingerprint(recipe)
+    fp = input_fingerprint(recipe)
+    assert fp == input_fingerprint(recipe)
     (a / "new.txt").write_text("another document here")
-    fp2 = gdata.input_fingerprint(recipe)
+    fp2 = input_fingerprint(recipe)
     assert fp2 != fp
     recipe.seed += 1
-    assert gdata.input_fingerprint(recipe) != fp2
-    assert gdata.input_fingerprint(load_recipe("tiny")) == gdata.input_fingerprint(load_recipe("tiny"))
+    assert input_fingerprint(recipe) != fp2
+    assert input_fingerprint(load_recipe("tiny")) == input_fingerprint(load_recipe("tiny"))
 
 
 def test_inspect_doc_token_and_step(tmp_path):
@@ -441,26 +453,26 @@ def test_inspect_doc_token_and_step(tmp_path):
                                       {"name": "b", "kind": "files", "path": str(b)}], val_fraction=0.0)
     (a / "zz_dup.txt").write_text((a / "0.txt").read_text())
     build_shards(run)
-    out = gdata.inspect(run, doc="a:1.txt")
+    out = inspect(run, doc="a:1.txt")
     assert "licence  MIT" in out and (a / "1.txt").read_text().strip() in out
-    assert "exact_duplicate" in gdata.inspect(run, doc="a:zz_dup.txt") and "a:0.txt" in gdata.inspect(
+    assert "exact_duplicate" in inspect(run, doc="a:zz_dup.txt") and "a:0.txt" in inspect(
         run, doc="a:zz_dup.txt")
-    from glassforge.shards import TokenStream
+    from glassforge.tokenizer.shards import TokenStream
 
-    stream = TokenStream(run.data, "train")
+    stream = TokenStream(run, "train")
     n = int(stream.offsets[3]) + 2
-    out = gdata.inspect(run, token=n)
+    out = inspect(run, token=n)
     assert f"document {stream.doc_ids[3]}" in out and "token 2 of" in out
-    out = gdata.inspect(run, step=1)
-    from glassforge.train import DataOrder, Windows
+    out = inspect(run, step=1)
+    from glassforge.train.order import DataOrder, Windows
 
     windows = Windows(stream, 16)
     first = DataOrder(len(windows), 64 // 16, 7).global_batch(0)[0]
     assert stream.doc_ids[stream.document_of(int(first) * 16)] in out and "step 1: 4 windows" in out
     with pytest.raises(UserError):
-        gdata.inspect(run, doc="nope")
+        inspect(run, doc="nope")
     with pytest.raises(UserError):
-        gdata.inspect(run, token=10 ** 9)
+        inspect(run, token=10 ** 9)
     from glassforge.cli import main
 
     assert main(["data", "inspect", str(run.root), "--doc", "a:1.txt"]) == 0
@@ -468,8 +480,8 @@ def test_inspect_doc_token_and_step(tmp_path):
 
 def test_pystdlib_ids_are_unique_even_for_repeated_names(tmp_path):
     run = make_run(tmp_path / "run", [{"name": "py", "kind": "pystdlib", "modules": ["posixpath"]}])
-    gdata.run_data(run)
-    ids = [d["id"] for d in gdata.load_manifest(run)["documents"]]
+    run_data(run)
+    ids = [d["id"] for d in iter_manifest_entries(run)]
     assert len(ids) == len(set(ids)) and "py:posixpath.normpath~2" in ids
 
 
@@ -487,13 +499,13 @@ def test_worker_processes_give_the_same_data_and_shards_as_one_process(tmp_path,
     pq.write_table(pa.table({"text": [words(rng, rng.randint(30, 90)) for _ in range(1200)]}), src / "b.parquet",
                    row_group_size=300)
     outputs = []
-    monkeypatch.setattr(gdata, "_READER_AFTER_BYTES", 1)  # fork after the first batch
+    monkeypatch.setattr("glassforge.data.stage._READER_AFTER_BYTES", 1)  # fork after the first batch
     for workers in ("0", "1"):
         monkeypatch.setenv("GLASSFORGE_DATA_WORKERS", workers)
         run = make_run(tmp_path / f"run{workers}", [{"name": "c", "kind": "files", "path": str(src)}])
         build_shards(run)
-        outputs.append([(run.data / n).read_bytes() for n in ("manifest.json", "documents.jsonl", "order.txt",
-                                                              "train.bin", "val.bin", "train.offsets.npy")])
+        outputs.append([(run.data / n).read_bytes() for n in ("manifest.json", "manifest.jsonl", "documents.jsonl",
+                                                              "order.txt", "train.bin", "val.bin", "train.offsets.npy")])
     assert outputs[0] == outputs[1]
     assert b"exact_duplicate" in outputs[0][0]
 
@@ -503,9 +515,9 @@ def test_an_error_in_the_reader_process_stops_the_stage(tmp_path, monkeypatch):
     src = tmp_path / "c"
     src.mkdir()
     (src / "a.jsonl").write_text("".join(json.dumps({"text": words(rng, 60)}) + "\n" for _ in range(1200)))
-    monkeypatch.setattr(gdata, "_READER_AFTER_BYTES", 1)
+    monkeypatch.setattr("glassforge.data.stage._READER_AFTER_BYTES", 1)
     monkeypatch.setenv("GLASSFORGE_DATA_WORKERS", "1")
-    real, calls = gdata._Analyzer.__call__, []
+    real, calls = _Analyzer.__call__, []
 
     def failing_after_the_first(self, texts):
         calls.append(1)
@@ -513,19 +525,19 @@ def test_an_error_in_the_reader_process_stops_the_stage(tmp_path, monkeypatch):
             raise ValueError("boom in the analysis")
         return real(self, texts)
 
-    monkeypatch.setattr(gdata._Analyzer, "__call__", failing_after_the_first)
+    monkeypatch.setattr(_Analyzer, "__call__", failing_after_the_first)
     run = make_run(tmp_path / "run", [{"name": "c", "kind": "files", "path": str(src)}])
     with pytest.raises(ValueError, match="boom in the analysis"):
-        gdata.run_data(run)
+        run_data(run)
     assert not (run.data / "manifest.json").exists()
 
 
 def test_fast_ascii_encoder_gives_the_tokenizers_ids(tmp_path):
-    from glassforge import pystdlib
-    from glassforge.shards import FastAsciiEncoder
-    from glassforge.tokenizer import train_tokenizer
+    from glassforge.data import pystdlib
+    from glassforge.tokenizer.bpe import train_tokenizer
+    from glassforge.tokenizer.fast import FastAsciiEncoder
 
-    texts = [gdata.normalize(d.text) for d in pystdlib.iter_documents(["json", "textwrap", "string", "shlex"])]
+    texts = [normalize(d.text) for d in pystdlib.iter_documents(["json", "textwrap", "string", "shlex"])]
     tok = train_tokenizer(texts, 600)
     fast = FastAsciiEncoder(tok)
     rng = random.Random(8)
@@ -549,7 +561,7 @@ def test_piece_starts_are_the_byte_level_pre_tokenizer_pieces():
     """Contractions, whitespace runs, \\x1c-\\x1f (not whitespace for tokenizers' regex), documents end to end."""
     from tokenizers import pre_tokenizers
 
-    from glassforge.shards import piece_starts
+    from glassforge.tokenizer.fast import piece_starts
 
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     rng = random.Random(5)
@@ -569,11 +581,11 @@ def test_piece_starts_are_the_byte_level_pre_tokenizer_pieces():
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
 def test_fast_ascii_encoder_batches_equal_tokenizers(dtype):
-    from glassforge import pystdlib
-    from glassforge.shards import FastAsciiEncoder
-    from glassforge.tokenizer import train_tokenizer
+    from glassforge.data import pystdlib
+    from glassforge.tokenizer.bpe import train_tokenizer
+    from glassforge.tokenizer.fast import FastAsciiEncoder
 
-    texts = [gdata.normalize(d.text) for d in pystdlib.iter_documents(["json", "textwrap"])]
+    texts = [normalize(d.text) for d in pystdlib.iter_documents(["json", "textwrap"])]
     tok = train_tokenizer(texts, 400)
     fast = FastAsciiEncoder(tok, dtype)
     rng = random.Random(6)
@@ -590,36 +602,36 @@ def test_fast_ascii_encoder_batches_equal_tokenizers(dtype):
 
 
 def test_shards_fall_back_to_tokenizers_when_the_fast_path_disagrees(tmp_path, monkeypatch):
-    from glassforge import shards
-    from glassforge.tokenizer import load_tokenizer
+    from glassforge.tokenizer import fast, shards
+    from glassforge.tokenizer.bpe import load_tokenizer
 
     a, b = _two_source_corpus(tmp_path / "in")
     (a / "unicode.txt").write_text("Caf\u00e9 cr\u00e8me, na\u00efve r\u00e9sum\u00e9: " + prose(random.Random(1)))
     run = make_run(tmp_path / "run", [{"name": "a", "kind": "files", "path": str(a)}], val_fraction=0.0)
     build_shards(run)
     good = (run.data / "train.bin").read_bytes()
-    monkeypatch.setattr(shards.FastAsciiEncoder, "encode_batch", lambda self, texts: (
+    monkeypatch.setattr(fast.FastAsciiEncoder, "encode_batch", lambda self, texts: (
         np.full(3 * len(texts), 5, dtype=self.dtype), np.full(len(texts), 3)))
     shards.run_shards(run)
     assert (run.data / "train.bin").read_bytes() == good
     tok = load_tokenizer(run.tokenizer)
-    stream = shards.TokenStream(run.data, "train")
-    texts = {d["id"]: d["text"] for d in gdata.iter_documents(run)}
+    stream = shards.TokenStream(run, "train")
+    texts = {d["id"]: d["text"] for d in iter_documents(run)}
     i = stream.doc_ids.index("a:unicode.txt")
     assert stream.tokens[stream.offsets[i]:stream.offsets[i + 1] - 1].tolist() == tok.encode(
         texts["a:unicode.txt"], add_special_tokens=False).ids
 
 
 def test_chunk_tokenizer_mixes_fast_and_tokenizers_documents_in_order():
-    from glassforge import pystdlib
-    from glassforge.shards import _ChunkTokenizer
-    from glassforge.tokenizer import ENDOFTEXT, train_tokenizer
+    from glassforge.data import pystdlib
+    from glassforge.tokenizer.bpe import ENDOFTEXT, train_tokenizer
+    from glassforge.tokenizer.fast import ChunkTokenizer
 
-    texts = [gdata.normalize(d.text) for d in pystdlib.iter_documents(["json"])]
+    texts = [normalize(d.text) for d in pystdlib.iter_documents(["json"])]
     tok = train_tokenizer(texts, 400)
     eot = tok.token_to_id(ENDOFTEXT)
     chunk = ["plain words", "caf\u00e9 cr\u00e8me", "", f"a {ENDOFTEXT} b", texts[0], "it's", "na\u00efve"]
-    tokenize = _ChunkTokenizer(tok, np.dtype(np.uint16), eot)
+    tokenize = ChunkTokenizer(tok, np.dtype(np.uint16), eot)
     stream, lengths = tokenize(chunk)
     want = [tok.encode(t, add_special_tokens=False).ids + [eot] for t in chunk]
     assert tokenize.fast is not None  # the check against tokenizers passed
@@ -632,7 +644,7 @@ def test_word_hashes_are_the_documented_polynomial_hash():
     letters and digits and bytes >= 0x80, lower-cased; hash = mix64(sum((byte + 1) * BASE**k) + length)."""
     import re
 
-    from glassforge.dedup import _BASE, Words, mix64
+    from glassforge.data.dedup import _BASE, Words, mix64
 
     rng = random.Random(4)
     alphabet = "aZ9_ .\n\u00e9\u00dc\u4e2d-'" + "xyzXYZ"
@@ -651,12 +663,12 @@ def test_json_string_of_normalized_text_equals_json_dumps():
     alphabet = [chr(c) for c in range(0, 0xA0)] + ["\u00e9", "\u2028", "\u4e2d", '"', "\\", "\n", " ", "a"] * 8
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80))) for _ in range(500)]
     for text in texts + ['say "hi" \\ there\n\nnext', ""]:
-        clean = gdata.normalize(text)
-        assert gdata.json_string_of_normalized(clean) == json.dumps(clean, ensure_ascii=False), repr(clean)
+        clean = normalize(text)
+        assert json_string_of_normalized(clean) == json.dumps(clean, ensure_ascii=False), repr(clean)
 
 
 def test_shards_tokenized_in_two_processes_equal_one_process(tmp_path, monkeypatch):
-    from glassforge import shards
+    from glassforge.tokenizer import shards
 
     a, _ = _two_source_corpus(tmp_path / "in")
     (a / "unicode.txt").write_text("Caf\u00e9 cr\u00e8me, na\u00efve r\u00e9sum\u00e9: " + prose(random.Random(2)))

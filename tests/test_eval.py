@@ -4,10 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from glassforge.errors import UserError
-from glassforge.evaluate import TrainingNgrams, decontaminate, read_task_jsonl, score_multiple_choice
-from glassforge.model import Llama
-from glassforge.tokenizer import load_tokenizer
+from glassforge.core.errors import UserError
+from glassforge.evaluate.scoring import (
+    TrainingNgrams,
+    continuation_logprobs,
+    decontaminate,
+    read_task_jsonl,
+    score_multiple_choice,
+)
+from glassforge.model.hf import load_pretrained
+from glassforge.tokenizer.bpe import load_tokenizer
 
 
 class Oracle(torch.nn.Module):
@@ -42,12 +48,21 @@ def test_multiple_choice_scores_known_answers(random_model):
     assert result["acc"] == pytest.approx(2 / 3)
 
 
-def test_real_model_scoring_is_deterministic(random_model):
+def test_real_model_scoring_is_deterministic_and_picks_the_likeliest_choice(random_model):
     tok = load_tokenizer(random_model)
-    model = Llama.from_pretrained(random_model)
-    items = [{"question": "What is 2+2?", "choices": ["4", "five", "22"], "answer": 0}] * 3
+    model = load_pretrained(random_model)
+    items = [{"question": "What is 2+2?", "choices": ["4", "five", "22"], "answer": 0},
+             {"question": "Which module parses JSON?", "choices": ["textwrap", "json", "string"], "answer": 1},
+             {"question": "Pick a colour", "choices": ["red", "a dog", "seven", "blue sky"], "answer": 3}]
     a, b = score_multiple_choice(model, tok, items), score_multiple_choice(model, tok, items)
-    assert a == b and a["acc"] in (0.0, 1.0)
+    assert a == b
+    # acc is the share of items whose answer has the highest summed log-probability, each choice scored alone
+    hits = []
+    for item in items:
+        alone = [continuation_logprobs(model, tok, f"Question: {item['question']}\nAnswer:", [f" {c}"])[0][0]
+                 for c in item["choices"]]
+        hits.append(int(np.argmax(alone)) == item["answer"])
+    assert a["n"] == 3 and a["acc"] == pytest.approx(sum(hits) / 3)
 
 
 def test_decontamination_drops_overlapping_items(random_model):

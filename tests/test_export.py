@@ -10,15 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_release import release_run
-
 
 @pytest.fixture(scope="module", params=["random-tied", "random-untied", pytest.param("tiny", marks=pytest.mark.slow)])
 def model_folder(request, tmp_path_factory) -> Path:
     """Folders to export: random weights (tied and untied embeddings; fast) and the real `tiny` release."""
     if request.param == "tiny":
-        return release_run(request) / "release"
-    from conftest import make_random_model_folder
+        return Path(request.getfixturevalue("tiny_run")) / "release"
+    from helpers import make_random_model_folder
 
     return make_random_model_folder(tmp_path_factory.mktemp(request.param), d_model=64, n_layers=2, n_heads=4,
                                     n_kv_heads=2, vocab_size=512, tie_embeddings=request.param == "random-tied",
@@ -27,7 +25,7 @@ def model_folder(request, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(model_folder, tmp_path_factory) -> Path:
-    from glassforge.export import export_gguf
+    from glassforge.release.export import export_gguf
 
     out = tmp_path_factory.mktemp("gguf") / "model.gguf"
     info = export_gguf(model_folder, out)
@@ -59,7 +57,7 @@ def _tensors(reader) -> dict[str, np.ndarray]:
 
 
 def test_permutation_is_inverted_exactly():
-    from glassforge.export import permute_for_llamacpp, unpermute_from_llamacpp
+    from glassforge.release.export import permute_for_llamacpp, unpermute_from_llamacpp
 
     w = np.arange(8 * 16 * 3, dtype=np.float32).reshape(8 * 16, 3)
     p = permute_for_llamacpp(w, 8)
@@ -102,7 +100,7 @@ def test_gguf_metadata_follows_llamacpp_llama(model_folder, exported):
     assert f["tokenizer.ggml.eos_token_id"] == specials["<|end|>"]
     assert f["tokenizer.ggml.add_bos_token"] is False or f["tokenizer.ggml.add_bos_token"] == 0
     assert f["tokenizer.chat_template"] == tok_cfg["chat_template"]
-    from glassforge.runfolder import sha256_file
+    from glassforge.core.hashing import sha256_file
 
     assert f["glassforge.weights_sha256"] == sha256_file(rel / "model.safetensors")
 
@@ -111,7 +109,7 @@ def test_gguf_tensors_are_the_weights_under_llamacpp_names(model_folder, exporte
     import gguf
     from safetensors.numpy import load_file
 
-    from glassforge.export import unpermute_from_llamacpp
+    from glassforge.release.export import unpermute_from_llamacpp
 
     rel = model_folder
     cfg = json.loads((rel / "config.json").read_text())
@@ -181,8 +179,8 @@ def test_llamacpp_conventions_on_the_gguf_give_our_logits(model_folder, exported
     import gguf
     import torch
 
-    from glassforge.model import Llama
-    from glassforge.tokenizer import load_tokenizer
+    from glassforge.model.hf import load_pretrained
+    from glassforge.tokenizer.bpe import load_tokenizer
 
     reader = gguf.GGUFReader(exported)
     fields, t = _fields(reader), _tensors(reader)
@@ -190,17 +188,17 @@ def test_llamacpp_conventions_on_the_gguf_give_our_logits(model_folder, exported
                                               add_special_tokens=False).ids
     ref = llamacpp_reference_logits(fields, t, ids)
     with torch.no_grad():
-        ours = Llama.from_pretrained(model_folder)(torch.tensor([ids]))[0][0].double().numpy()
+        ours = load_pretrained(model_folder)(torch.tensor([ids]))[0][0].double().numpy()
     assert np.abs(ref - ours).max() <= 1e-4
     assert (ref.argmax(-1) == ours.argmax(-1)).all()
 
 
 @pytest.mark.slow
 def test_export_refuses_weights_that_do_not_match_the_manifest(request, tmp_path):
-    from glassforge.errors import UserError
-    from glassforge.export import export_gguf
+    from glassforge.core.errors import UserError
+    from glassforge.release.export import export_gguf
 
-    run_root = release_run(request)
+    run_root = Path(request.getfixturevalue("tiny_run"))
     rel = tmp_path / "release"
     shutil.copytree(run_root / "release", rel, ignore=shutil.ignore_patterns("replay", "trace"))
     data = bytearray((rel / "model.safetensors").read_bytes())
@@ -222,7 +220,7 @@ def test_lower_precision_gguf_stores_matrices_in_that_type(model_folder, dtype, 
     from gguf.quants import dequantize
     from safetensors.numpy import load_file
 
-    from glassforge.export import GGUF_DTYPES, export_gguf
+    from glassforge.release.export import GGUF_DTYPES, export_gguf
 
     out = tmp_path / f"model-{dtype}.gguf"
     assert export_gguf(model_folder, out, dtype)["dtype"] == dtype

@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from glassforge.model import KVCache, Llama, ModelConfig, flops_per_token
+from glassforge.core.recipe import ModelConfig
+from glassforge.model.llama import KVCache, Llama, flops_per_token, rope_tables
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -71,9 +72,31 @@ def test_cached_path_equals_training_path():
     full, _ = model(ids)
     cache = KVCache(model.cfg, 1, 16)
     slots = torch.zeros(1, dtype=torch.long)
-    prefix = model.forward_cached(ids[:, :8], torch.arange(8)[None], cache, slots)
-    steps = [model.forward_cached(ids[:, i:i + 1], torch.tensor([[i]]), cache, slots) for i in range(8, 12)]
+    prefix, _ = model(ids[:, :8], cache=cache, positions=torch.arange(8)[None], slots=slots)
+    steps = [model(ids[:, i:i + 1], cache=cache, positions=torch.tensor([[i]]), slots=slots)[0] for i in range(8, 12)]
     assert torch.allclose(torch.cat([prefix, *steps], dim=1), full, atol=1e-5)
+
+
+def test_cached_rows_of_different_lengths_share_a_batch():
+    """Two sequences in cache slots 2 and 0, at different positions, decode together as they would alone."""
+    torch.manual_seed(1)
+    model = Llama(small_cfg(n_heads=4, n_kv_heads=1)).eval()  # grouped-query attention
+    a, b = torch.randint(0, 128, (1, 9)), torch.randint(0, 128, (1, 5))
+    full_a, full_b = model(a)[0], model(b)[0]
+    cache = KVCache(model.cfg, 3, 16)
+    model(a[:, :8], cache=cache, positions=torch.arange(8)[None], slots=torch.tensor([2]))
+    model(b[:, :4], cache=cache, positions=torch.arange(4)[None], slots=torch.tensor([0]))
+    step, _ = model(torch.tensor([[a[0, 8]], [b[0, 4]]]), cache=cache, positions=torch.tensor([[8], [4]]),
+                    slots=torch.tensor([2, 0]))
+    assert torch.allclose(step[0, 0], full_a[0, 8], atol=1e-5) and torch.allclose(step[1, 0], full_b[0, 4], atol=1e-5)
+
+
+def test_rotary_tables_are_computed_once_and_are_not_weights():
+    model = Llama(small_cfg())
+    assert "rope_cos" not in model.state_dict() and "rope_cos" not in model.hf_state_dict()
+    for T in (1, 7, 16, model.cfg.max_seq_len):  # a slice of the cached table is the table of those positions
+        cos, sin = rope_tables(model.cfg, torch.arange(T))
+        assert torch.equal(model.rope_cos[:T], cos) and torch.equal(model.rope_sin[:T], sin)
 
 
 def test_initialisation_rule():

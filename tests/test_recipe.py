@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from glassforge.errors import UserError
-from glassforge.recipe import Recipe, builtin_recipes, dump_recipe, load_recipe, parse_recipe
+from glassforge.core.errors import UserError
+from glassforge.core.recipe import Recipe, builtin_recipes, dump_recipe, load_recipe, parse_recipe
 
 
 def test_builtin_recipes_parse_and_round_trip():

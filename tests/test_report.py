@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from glassforge.errors import UserError
-from glassforge.report import metric_plots, render_report, write_report
+from glassforge.core.errors import UserError
+from glassforge.tools.report import metric_plots, render_report, write_report
 
-RECIPES = Path(__file__).resolve().parents[1] / "src" / "glassforge" / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "src" / "glassforge" / "core" / "recipes"
 
 
 def fake_run(root: Path, description: str = "a test run") -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from glassforge.runfolder import copy_file, hashing_once, sha256_file
+from glassforge.core.hashing import copy_file, hashing_once, sha256_file
 
 
 def test_a_file_is_hashed_once_per_command_until_it_changes(tmp_path, file_reads):

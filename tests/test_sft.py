@@ -1,10 +1,9 @@
 import json
 
-import numpy as np
 
-from glassforge.conversations import Conversation, pystdlib_qa, read_messages_jsonl
-from glassforge.sft import Conversations, assistant_spans
-from glassforge.tokenizer import load_tokenizer
+from glassforge.train.conversations import Conversation, pystdlib_qa, read_messages_jsonl
+from glassforge.train.sft import Conversations, assistant_spans
+from glassforge.tokenizer.bpe import load_tokenizer
 
 
 def test_loss_only_on_assistant_tokens(random_model):
@@ -45,7 +44,7 @@ def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
 
 
 def test_pystdlib_qa_is_grounded_and_holds_out_whole_modules():
-    from glassforge import pystdlib
+    from glassforge.data import pystdlib
 
     docs = [{"id": f"pystdlib:{d.name}", "split": "train", "text": d.text}
             for d in pystdlib.iter_documents(["posixpath", "json", "textwrap", "string", "shlex", "glob", "heapq",

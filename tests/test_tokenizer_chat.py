@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from glassforge.errors import UserError
-from glassforge.tokenizer import END, SPECIAL_TOKENS, load_tokenizer, render_chat
+from glassforge.core.errors import UserError
+from glassforge.tokenizer.bpe import END, SPECIAL_TOKENS, load_tokenizer, render_chat
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

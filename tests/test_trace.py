@@ -12,8 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glassforge.errors import UserError
-from glassforge.trace import TraceIndex, Tracer, build_index, build_index_arrays, suffix_array
+from glassforge.core.errors import UserError
+from glassforge.core.manifest import iter_manifest_entries
+from glassforge.core.runfolder import Run
+from glassforge.release.trace import TraceIndex, Tracer
+from glassforge.release.trace_index import build_index, build_index_arrays, suffix_array
 
 EOT = 0
 
@@ -97,7 +100,7 @@ def test_index_files_and_hashes(tmp_path):
     idx = build_synthetic(tmp_path / "trace", [[1, 2, 3], [2, 3, 4, 5]])
     meta = json.loads((tmp_path / "trace" / "index.json").read_text())
     assert meta["tokens"] == 9 and meta["documents"] == 2 and meta["sa_bytes"] == 4
-    from glassforge.runfolder import sha256_file
+    from glassforge.core.hashing import sha256_file
 
     for name, rec in meta["files"].items():
         assert sha256_file(tmp_path / "trace" / name) == rec["sha256"]
@@ -167,11 +170,12 @@ def test_spans_ranked_long_then_rare(tmp_path):
 @pytest.fixture(scope="module")
 def release(tmp_path_factory) -> Path:
     """Data, tokenizer and shards of a small stdlib recipe, and a release folder holding its trace index."""
-    from glassforge.data import run_data
-    from glassforge.recipe import dump_recipe, load_recipe
-    from glassforge.runfolder import Run, atomic_write_text
-    from glassforge.shards import run_shards
-    from glassforge.tokenizer import run_tokenizer
+    from glassforge.core.files import atomic_write_text
+    from glassforge.core.recipe import dump_recipe, load_recipe
+    from glassforge.core.runfolder import Run
+    from glassforge.data.stage import run_data
+    from glassforge.tokenizer.bpe import run_tokenizer
+    from glassforge.tokenizer.shards import run_shards
 
     root = tmp_path_factory.mktemp("trace_run")
     (root / "recipe.toml").write_text(RECIPE)
@@ -185,14 +189,14 @@ def release(tmp_path_factory) -> Path:
     for name in ("config.json", "model.safetensors"):  # enough for resolve_release
         (rel / name).write_text("{}")
     shutil.copyfile(run.tokenizer / "tokenizer.json", rel / "tokenizer.json")
-    info = build_index(run.data, rel / "trace")
+    info = build_index(run, rel / "trace")
     assert info["documents"] == len(json.loads((run.data / "shards.json").read_text())["train"]["documents"])
     return rel
 
 
 def _train_docs(release: Path) -> list[dict]:
-    from glassforge.data import iter_documents
-    from glassforge.runfolder import Run
+    from glassforge.core.runfolder import Run
+    from glassforge.data.documents import iter_documents
 
     return list(iter_documents(Run(release.parent), "train"))
 
@@ -208,7 +212,7 @@ def test_copied_passage_traced_to_its_document(release):
     assert top["tokens"] >= 0.8 * result["tokens"]
     assert top["text"] == passage[top["start"]:top["end"]]
     assert top["text"] in doc["text"]
-    manifest = {e["id"]: e for e in json.loads((release.parent / "data" / "manifest.json").read_text())["documents"]}
+    manifest = {e["id"]: e for e in iter_manifest_entries(Run(release.parent))}
     ids = [d["id"] for d in top["documents"]]
     assert doc["id"] in ids
     hit = top["documents"][ids.index(doc["id"])]
@@ -280,7 +284,7 @@ def test_tracer_refuses_another_tokenizer(tmp_path, release):
 
 
 def test_frequent_span_counts_stay_exact_when_documents_are_sampled(tmp_path, monkeypatch):
-    import glassforge.trace as trace_mod
+    import glassforge.release.trace as trace_mod
 
     idx = build_synthetic(tmp_path / "t", [[1, 2, 3, 1, 2, 3]] + [[1, 2, 3]] * 5)
     monkeypatch.setattr(trace_mod, "DOC_SCAN_LIMIT", 3)

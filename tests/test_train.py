@@ -11,28 +11,33 @@ import numpy as np
 import pytest
 import torch
 
-from glassforge.errors import UserError
-from glassforge.model import Llama, ModelConfig
-from glassforge.recipe import TrainConfig
-from glassforge import train as T
-
+from glassforge.core.errors import UserError
+from glassforge.core.recipe import ModelConfig, TrainConfig
+from glassforge.core.runfolder import latest_weights, list_checkpoints
+from glassforge.model.checkpoints import _optimizer_tensors, load_optimizers, prune_checkpoints
+from glassforge.model.llama import Llama
+from glassforge.train.device import has_cpu_bf16, measured_peak_flops, pick_dtype, should_compile
+from glassforge.train.loop import train
+from glassforge.train.metrics import read_metrics, truncate_metrics
+from glassforge.train.optim import build_optimizers, lr_at, zeropower_newton_schulz
+from glassforge.train.order import DataOrder
 
 # --------------------------------------------------------------------------- data order
 
 def test_data_order_is_a_function_of_seed_and_step_only():
-    a, b = T.DataOrder(100, 16, seed=3), T.DataOrder(100, 16, seed=3)
+    a, b = DataOrder(100, 16, seed=3), DataOrder(100, 16, seed=3)
     assert all((a.global_batch(s) == b.global_batch(s)).all() for s in (0, 5, 6, 40))
-    assert (b.global_batch(40) == T.DataOrder(100, 16, seed=3).global_batch(40)).all()  # no hidden cursor
-    assert not (a.global_batch(0) == T.DataOrder(100, 16, seed=4).global_batch(0)).all()
+    assert (b.global_batch(40) == DataOrder(100, 16, seed=3).global_batch(40)).all()  # no hidden cursor
+    assert not (a.global_batch(0) == DataOrder(100, 16, seed=4).global_batch(0)).all()
 
 
 def test_data_order_visits_every_example_once_per_epoch():
-    order = T.DataOrder(48, 16, seed=0)
+    order = DataOrder(48, 16, seed=0)
     epoch0 = np.concatenate([order.global_batch(s) for s in range(3)])
     epoch1 = np.concatenate([order.global_batch(s) for s in range(3, 6)])
     assert sorted(epoch0) == list(range(48)) and sorted(epoch1) == list(range(48))
     assert not (epoch0 == epoch1).all()  # a fresh permutation each epoch
-    crossing = T.DataOrder(40, 16, seed=0).global_batch(2)  # positions 32..47 span two epochs
+    crossing = DataOrder(40, 16, seed=0).global_batch(2)  # positions 32..47 span two epochs
     assert len(crossing) == 16 and len(set(crossing[:8])) == 8
 
 
@@ -40,7 +45,7 @@ def test_data_order_visits_every_example_once_per_epoch():
 
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
-    lrs = [T.lr_at(s, cfg) for s in range(100)]
+    lrs = [lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(x >= y for x, y in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
@@ -48,7 +53,7 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
 
 def test_wsd_schedule_is_flat_then_decays_linearly():
     cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
-    lrs = [T.lr_at(s, cfg) for s in range(100)]
+    lrs = [lr_at(s, cfg) for s in range(100)]
     assert set(lrs[10:80]) == {1e-3}
     assert lrs[90] == pytest.approx(0.5e-3) and lrs[99] == pytest.approx(0.05e-3)
 
@@ -63,7 +68,7 @@ def tiny_model(**kw) -> Llama:
 
 def test_adamw_decays_matrices_only():
     model = tiny_model()
-    (opt,) = T.build_optimizers(model, TrainConfig(weight_decay=0.1))
+    (opt,) = build_optimizers(model, TrainConfig(weight_decay=0.1))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
@@ -72,7 +77,7 @@ def test_adamw_decays_matrices_only():
 
 def test_muon_takes_hidden_matrices_and_orthogonalises():
     model = tiny_model()
-    muon, adamw = T.build_optimizers(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.005))
+    muon, adamw = build_optimizers(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.005))
     assert muon.param_groups[0]["lr"] == 0.005 and adamw.param_groups[0]["lr"] == 1e-3
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in muon.param_groups[0]["params"]} == {
@@ -81,30 +86,30 @@ def test_muon_takes_hidden_matrices_and_orthogonalises():
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= adam_names
     g = torch.randn(64, 32)
     for dtype in (torch.float32, torch.bfloat16):
-        s = torch.linalg.svdvals(T.zeropower_newton_schulz(g, dtype=dtype).float())
+        s = torch.linalg.svdvals(zeropower_newton_schulz(g, dtype=dtype).float())
         assert s.min() > 0.5 and s.max() < 1.3  # singular values pushed towards one
     stack = torch.randn(3, 48, 20)  # a stack is orthogonalised matrix by matrix
-    together = T.zeropower_newton_schulz(stack)
+    together = zeropower_newton_schulz(stack)
     for i in range(3):
-        torch.testing.assert_close(together[i], T.zeropower_newton_schulz(stack[i]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(together[i], zeropower_newton_schulz(stack[i]), atol=1e-5, rtol=1e-4)
     with pytest.raises(UserError):
-        T.build_optimizers(model, TrainConfig(optimizer="sgd"))
+        build_optimizers(model, TrainConfig(optimizer="sgd"))
 
 
 def test_optimiser_state_round_trips_bit_for_bit():
     model = tiny_model()
     cfg = TrainConfig(optimizer="muon")
-    opts = T.build_optimizers(model, cfg)
+    opts = build_optimizers(model, cfg)
     x = torch.randint(0, 64, (2, 16))
     for _ in range(2):
         model(x, x)[1].backward()
         for o in opts:
             o.step()
             o.zero_grad()
-    tensors, meta = T._optimizer_tensors(opts)
-    fresh = T.build_optimizers(model, cfg)
-    T._load_optimizers(fresh, tensors, json.loads(json.dumps(meta)))
-    again, meta2 = T._optimizer_tensors(fresh)
+    tensors, meta = _optimizer_tensors(opts)
+    fresh = build_optimizers(model, cfg)
+    load_optimizers(fresh, tensors, json.loads(json.dumps(meta)))
+    again, meta2 = _optimizer_tensors(fresh)
     assert meta2 == json.loads(json.dumps(meta)) and tensors.keys() == again.keys()
     assert all(torch.equal(tensors[k], again[k]) for k in tensors)
 
@@ -113,23 +118,23 @@ def test_optimiser_state_round_trips_bit_for_bit():
 
 def test_compile_switch():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert T.should_compile(TrainConfig(compile=True), cpu, 0) is True
-    assert T.should_compile(TrainConfig(compile=False), gpu, 1e30) is False
+    assert should_compile(TrainConfig(compile=True), cpu, 0) is True
+    assert should_compile(TrainConfig(compile=False), gpu, 1e30) is False
     auto = replace(TrainConfig(), compile="auto")
-    assert T.should_compile(auto, gpu, 1.0)
-    assert not T.should_compile(auto, cpu, 1e12)  # seconds of work: compiling would not pay
-    assert T.should_compile(auto, cpu, 1e15)  # hours of work
+    assert should_compile(auto, gpu, 1.0)
+    assert not should_compile(auto, cpu, 1e12)  # seconds of work: compiling would not pay
+    assert should_compile(auto, cpu, 1e15)  # hours of work
     with pytest.raises(UserError):
-        T.should_compile(replace(TrainConfig(), compile="sometimes"), cpu, 0)
+        should_compile(replace(TrainConfig(), compile="sometimes"), cpu, 0)
 
 
 def test_dtype_choice():
-    assert T.pick_dtype(TrainConfig(dtype="fp32"), torch.device("cpu")) == torch.float32
-    assert T.pick_dtype(TrainConfig(dtype="bf16"), torch.device("cpu")) == torch.bfloat16
-    expected = torch.bfloat16 if T.has_cpu_bf16() else torch.float32
-    assert T.pick_dtype(TrainConfig(dtype="auto"), torch.device("cpu")) == expected
+    assert pick_dtype(TrainConfig(dtype="fp32"), torch.device("cpu")) == torch.float32
+    assert pick_dtype(TrainConfig(dtype="bf16"), torch.device("cpu")) == torch.bfloat16
+    expected = torch.bfloat16 if has_cpu_bf16() else torch.float32
+    assert pick_dtype(TrainConfig(dtype="auto"), torch.device("cpu")) == expected
     with pytest.raises(UserError):
-        T.pick_dtype(TrainConfig(dtype="fp8"), torch.device("cpu"))
+        pick_dtype(TrainConfig(dtype="fp8"), torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------- logs and checkpoints
@@ -137,9 +142,9 @@ def test_dtype_choice():
 def test_metrics_rewind_drops_later_steps_and_a_torn_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
-    assert [r["step"] for r in T.read_metrics(path)] == list(range(1, 8))
-    T._truncate_metrics(path, 5)
-    assert [r["step"] for r in T.read_metrics(path)] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in read_metrics(path)] == list(range(1, 8))
+    truncate_metrics(path, 5)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
     assert path.read_text().endswith("}\n")
 
 
@@ -149,8 +154,8 @@ def test_prune_keeps_last_k_and_every_nth(tmp_path):
         d.mkdir(parents=True)
         (d / "trainer.json").write_text("{}")
     (tmp_path / "checkpoints" / ".step_0000022.abc.tmp").mkdir()  # an interrupted write
-    T.prune_checkpoints(tmp_path, keep_last=2, keep_every=8)
-    assert [s for s, _ in T.list_checkpoints(tmp_path)] == [8, 16, 18, 20]
+    prune_checkpoints(tmp_path, keep_last=2, keep_every=8)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [8, 16, 18, 20]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[0] == "step_0000008"
 
 
@@ -181,11 +186,11 @@ def run_in_process(tmp_path: Path, name: str, **kw):
     model_cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16)
     threads = torch.get_num_threads()
     try:
-        result = T.train(model_cfg, Rows(40, 16, 64), Rows(8, 16, 64, seed=1), cfg, tmp_path / name, seed=5,
+        result = train(model_cfg, Rows(40, 16, 64), Rows(8, 16, 64, seed=1), cfg, tmp_path / name, seed=5,
                          recipe_hash="h")
     finally:
         torch.set_num_threads(threads)
-    return result, T.read_metrics(tmp_path / name / "metrics.jsonl"), model_cfg, cfg
+    return result, read_metrics(tmp_path / name / "metrics.jsonl"), model_cfg, cfg
 
 
 def test_loss_is_per_target_token_of_the_global_batch_whatever_the_accumulation(tmp_path):
@@ -194,7 +199,7 @@ def test_loss_is_per_target_token_of_the_global_batch_whatever_the_accumulation(
     # Step 1 by hand: the initial model on the first global batch, summed loss / target count.
     torch.manual_seed(5)
     model = Llama(model_cfg)
-    x, y = Rows(40, 16, 64).batch(T.DataOrder(40, 8, 5).global_batch(0))
+    x, y = Rows(40, 16, 64).batch(DataOrder(40, 8, 5).global_batch(0))
     with torch.no_grad():
         _, total = model(x, y, reduction="sum")
     assert m_whole[0]["loss"] == pytest.approx(float(total) / int((y != -100).sum()), rel=1e-5)
@@ -210,17 +215,17 @@ def test_logs_checkpoints_and_plot(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= rows[0].keys()
     assert "val_loss" in rows[1] and "val_bpb" in rows[2] and "val_loss" not in rows[0]
-    assert [s for s, _ in T.list_checkpoints(tmp_path / "run")] == [2, 3]
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 3]
     meta = json.loads((result.checkpoint / "trainer.json").read_text())
     assert meta["step"] == 3 and meta["data_cursor"]["step"] == 3 and meta["recipe_hash"] == "h"
     assert {"torch", "python", "numpy"} <= meta["rng"].keys()
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
-    assert T.latest_weights(tmp_path / "run") == result.checkpoint / "model.safetensors"
+    assert latest_weights(tmp_path / "run") == result.checkpoint / "model.safetensors"
     # Finished: a second call resumes at the end and trains nothing.
     again, rows2, _, _ = run_in_process(tmp_path, "run", optimizer="muon", schedule="wsd")
     assert rows2 == rows and again.final_loss == pytest.approx(result.final_loss)
     with pytest.raises(UserError, match="another recipe"):
-        T.train(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16),
+        train(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16),
                 Rows(40, 16, 64), None, TrainConfig(steps=3, seq_len=16, batch_tokens=128, micro_batch=8),
                 tmp_path / "run", seed=5, recipe_hash="other")
 
@@ -235,8 +240,8 @@ def test_bad_batch_shapes_are_user_errors(tmp_path):
 # --------------------------------------------------------------------------- the gpu-small recipe
 
 def test_gpu_small_recipe_is_about_100m_parameters_and_consistent():
-    from glassforge.model import flops_per_token
-    from glassforge.recipe import load_recipe
+    from glassforge.core.recipe import load_recipe
+    from glassforge.model.llama import flops_per_token
 
     r = load_recipe("gpu-small")
     with torch.device("meta"):  # shapes only: no 400 MB of random numbers
@@ -251,7 +256,7 @@ def test_gpu_small_recipe_is_about_100m_parameters_and_consistent():
 
 
 def test_peak_probe_only_rises_when_refreshed():
-    first = T.measured_peak_flops(torch.device("cpu"), torch.float32)
+    first = measured_peak_flops(torch.device("cpu"), torch.float32)
     assert first > 1e9  # any CPU that runs the tests multiplies faster than a GFLOP/s
-    assert T.measured_peak_flops(torch.device("cpu"), torch.float32) == first  # cached, not re-measured
-    assert T.measured_peak_flops(torch.device("cpu"), torch.float32, refresh=True) >= first
+    assert measured_peak_flops(torch.device("cpu"), torch.float32) == first  # cached, not re-measured
+    assert measured_peak_flops(torch.device("cpu"), torch.float32, refresh=True) >= first

@@ -63,7 +63,8 @@ checkpoint_every = {checkpoint_every}
 keep_last = 2
 keep_every = {keep_every}
 dtype = "{dtype}"
-threads = 1
+threads = {threads}
+compile = "{compile}"
 
 [sft]
 enabled = false
@@ -73,11 +74,12 @@ enabled = false
 """
 
 
-def write_recipe(run: Path, steps=40, micro_batch=4, checkpoint_every=3, keep_every=0, dtype="auto") -> None:
-    from glassforge.recipe import dump_recipe, parse_recipe
+def write_recipe(run: Path, steps=40, micro_batch=4, checkpoint_every=3, keep_every=0, dtype="auto", threads=1,
+                 compile="off") -> None:
+    from glassforge.core.recipe import dump_recipe, parse_recipe
 
     text = RECIPE.format(steps=steps, micro_batch=micro_batch, checkpoint_every=checkpoint_every,
-                         keep_every=keep_every, dtype=dtype)
+                         keep_every=keep_every, dtype=dtype, threads=threads, compile=compile)
     (run / "recipe.toml").write_text(dump_recipe(parse_recipe(text.encode(), "test")))
 
 
@@ -85,7 +87,7 @@ def write_recipe(run: Path, steps=40, micro_batch=4, checkpoint_every=3, keep_ev
 def data_run(tmp_path_factory) -> Path:
     """A run folder with token shards and no training yet."""
     from glassforge.build import run_stage
-    from glassforge.runfolder import Run
+    from glassforge.core.runfolder import Run
 
     run = Run.create(tmp_path_factory.mktemp("trainer") / "run")
     write_recipe(run.root)
@@ -102,8 +104,8 @@ def reference(data_run, tmp_path_factory) -> Path:
     """An uninterrupted run, trained in this process (same thread count as the subprocesses)."""
     import torch
 
-    from glassforge.pretrain import run_pretrain
-    from glassforge.runfolder import Run
+    from glassforge.train.pretrain import run_pretrain
+    from glassforge.core.runfolder import Run
 
     run = fresh_run(data_run, tmp_path_factory.mktemp("reference") / "run", steps=STEPS,
                     checkpoint_every=EVERY, keep_every=KEEP_EVERY)
@@ -130,9 +132,15 @@ def pretrain_cmd(run: Path) -> list[str]:
 
 
 def final_sha(run: Path, steps: int) -> str:
-    from glassforge.runfolder import sha256_file
+    from glassforge.core.hashing import sha256_file
 
     return sha256_file(run / "pretrain" / "checkpoints" / f"step_{steps:07d}" / "model.safetensors")
+
+
+def checkpoint_log(run: Path) -> list[dict]:
+    from glassforge.model.checkpoints import read_checkpoint_log
+
+    return read_checkpoint_log(run / "pretrain")
 
 
 def kill_at_step(run: Path, step: int, extra_env: dict | None = None) -> int:
@@ -152,7 +160,7 @@ def kill_at_step(run: Path, step: int, extra_env: dict | None = None) -> int:
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    from glassforge.train import read_metrics
+    from glassforge.train.metrics import read_metrics
 
     return read_metrics(metrics)[-1]["step"]
 
@@ -168,11 +176,41 @@ def test_kill9_three_times_resumes_bit_identical(data_run, reference, tmp_path):
     subprocess.run(pretrain_cmd(run), env=env(), check=True, capture_output=True)
 
     assert final_sha(run, STEPS) == final_sha(reference, STEPS)
-    from glassforge.train import read_metrics
+    from glassforge.train.metrics import read_metrics
 
     rows = read_metrics(run / "pretrain" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # the log was rewound, not duplicated
     assert [r["loss"] for r in rows] == [r["loss"] for r in read_metrics(reference / "pretrain" / "metrics.jsonl")]
+    # every checkpoint ever written is logged once, with the uninterrupted run's hashes (pruned ones included)
+    assert checkpoint_log(run) == checkpoint_log(reference)
+    assert [e["step"] for e in checkpoint_log(run)] == list(range(EVERY, STEPS + 1, EVERY))
+
+
+# Compiled training, as the default recipe runs it, on two threads: inductor's CPU kernels split their
+# work by thread, and its embedding backward added rows with atomic adds whose order changed run to run.
+COMPILED = {"compile": "on", "threads": 2, "steps": 8, "checkpoint_every": 4, "keep_every": 4}
+
+
+def test_compiled_training_gives_the_same_bits_twice(data_run, tmp_path):
+    runs = [fresh_run(data_run, tmp_path / f"compiled{i}", **COMPILED) for i in range(2)]
+    for run in runs:
+        subprocess.run(pretrain_cmd(run), env=env(), check=True, capture_output=True)
+    first, second = checkpoint_log(runs[0]), checkpoint_log(runs[1])
+    assert [e["step"] for e in first] == [4, 8]
+    assert [(e["model_sha256"], e["optimizer_sha256"]) for e in first] == \
+        [(e["model_sha256"], e["optimizer_sha256"]) for e in second]
+    meta = json.loads((runs[0] / "pretrain" / "checkpoints" / "step_0000008" / "trainer.json").read_text())
+    assert meta["env"]["compile"] is True and meta["env"]["threads"] == 2
+
+
+def test_compiled_kill9_resume_is_bit_identical(data_run, tmp_path):
+    reference = fresh_run(data_run, tmp_path / "compiled_reference", **COMPILED)
+    subprocess.run(pretrain_cmd(reference), env=env(), check=True, capture_output=True)
+    run = fresh_run(data_run, tmp_path / "compiled_killed", **COMPILED)
+    assert kill_at_step(run, 6) < 8  # after the step-4 checkpoint, before the end
+    subprocess.run(pretrain_cmd(run), env=env(), check=True, capture_output=True)
+    assert final_sha(run, 8) == final_sha(reference, 8)
+    assert checkpoint_log(run) == checkpoint_log(reference)
 
 
 def test_checkpoint_write_killed_half_way_keeps_previous(data_run, reference, tmp_path):
@@ -181,7 +219,7 @@ def test_checkpoint_write_killed_half_way_keeps_previous(data_run, reference, tm
     # Kill the process from inside the second checkpoint's write (step 6), half way through.
     script = (
         "import os, signal, sys\n"
-        "import glassforge.train as t\n"
+        "import glassforge.model.checkpoints as t\n"
         "real = t.atomic_write_json\n"
         "def dying(path, obj):\n"
         "    if obj.get('step') == 6:\n"
@@ -193,7 +231,7 @@ def test_checkpoint_write_killed_half_way_keeps_previous(data_run, reference, tm
     )
     proc = subprocess.run([sys.executable, "-c", script], env=env(), capture_output=True)
     assert proc.returncode == -signal.SIGKILL
-    from glassforge.train import list_checkpoints
+    from glassforge.core.runfolder import list_checkpoints
 
     ckpt_dir = run / "pretrain" / "checkpoints"
     half_written = [p for p in ckpt_dir.iterdir() if p.name.startswith(".step_0000006")]
@@ -219,9 +257,9 @@ def test_torchrun_two_processes_match_one_with_double_accumulation(data_run, sin
     import torch
     from safetensors.torch import load_file
 
-    from glassforge.model import Llama
-    from glassforge.recipe import load_recipe
-    from glassforge.train import read_metrics
+    from glassforge.model.llama import Llama
+    from glassforge.core.recipe import load_recipe
+    from glassforge.train.metrics import read_metrics
 
     steps = 6
     double = fresh_run(data_run, tmp_path / "double", steps=steps, dtype="fp32")
@@ -251,9 +289,9 @@ def test_torchrun_two_processes_match_one_with_double_accumulation(data_run, sin
 
 
 def test_replay_reproduces_a_kept_interval(reference):
-    from glassforge.pretrain import replay_pretrain
-    from glassforge.runfolder import Run
-    from glassforge.train import list_checkpoints
+    from glassforge.train.pretrain import replay_pretrain
+    from glassforge.core.runfolder import Run
+    from glassforge.core.runfolder import list_checkpoints
 
     assert [s for s, _ in list_checkpoints(reference / "pretrain")] == [6, 12, 18, 24, 27, 30]
     result = replay_pretrain(Run.open(reference), 6, 12)

@@ -1,0 +1,137 @@
+"""The `tokenizer` stage: a byte-level BPE trained on the training split.
+
+Byte-level BPE (GPT-2's pre-tokenizer, Hugging Face `tokenizers`) can encode any
+text without an unknown token, and llama.cpp and transformers both read it.
+Special tokens are reserved first, so their ids are fixed across recipes:
+`<|endoftext|>` separates documents, `<|system|>`, `<|user|>`, `<|assistant|>`
+open chat turns and `<|end|>` closes one. No BOS token is added anywhere, which
+rules out the double-BOS bug by construction.
+
+The chat template is Jinja, stored in `tokenizer_config.json`, so transformers'
+`apply_chat_template`, vLLM and llama.cpp render conversations exactly as
+`render_chat` here does (the same template through the same engine settings).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from glassforge.core.errors import UserError
+from glassforge.core.files import atomic_write_json, atomic_write_text
+from glassforge.core.runfolder import (
+    SPECIAL_TOKENS_MAP,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
+    Run,
+)
+from glassforge.data.documents import iter_documents
+
+ENDOFTEXT, PAD, SYSTEM, USER, ASSISTANT, END = (
+    "<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+SPECIAL_TOKENS = [ENDOFTEXT, PAD, SYSTEM, USER, ASSISTANT, END]
+ROLES = ("system", "user", "assistant")
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{%- endif -%}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
+)
+
+
+def train_tokenizer(texts, vocab_size: int, min_frequency: int = 2):
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def tokenizer_config() -> dict:
+    """transformers' tokenizer_config.json: the fast tokenizer, its special tokens and the chat template."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": END,
+        "pad_token": PAD,
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000,
+        "chat_template": CHAT_TEMPLATE,
+        "additional_special_tokens": [ENDOFTEXT, SYSTEM, USER, ASSISTANT],
+    }
+
+
+def special_tokens_map() -> dict:
+    return {"eos_token": END, "pad_token": PAD, "additional_special_tokens": [ENDOFTEXT, SYSTEM, USER, ASSISTANT]}
+
+
+def write_tokenizer_files(folder: Path, tok) -> None:
+    atomic_write_text(folder / TOKENIZER_JSON, tok.to_str(pretty=True))
+    atomic_write_json(folder / TOKENIZER_CONFIG, tokenizer_config())
+    atomic_write_json(folder / SPECIAL_TOKENS_MAP, special_tokens_map())
+
+
+def run_tokenizer(run: Run) -> dict:
+    """Train the tokenizer on the training documents of the run."""
+    recipe = run.load_recipe()
+    if not run.documents.is_file():
+        raise UserError(f"{run.root}: no data yet; run `glassforge data {run.root}` first")
+    texts = (d["text"] for d in iter_documents(run, "train"))
+    tok = train_tokenizer(texts, recipe.tokenizer.vocab_size, recipe.tokenizer.min_frequency)
+    write_tokenizer_files(run.tokenizer, tok)
+    return {"vocab_size": tok.get_vocab_size()}
+
+
+def load_tokenizer(folder: Path | str):
+    from tokenizers import Tokenizer
+
+    path = Path(folder) / TOKENIZER_JSON
+    if not path.is_file():
+        raise UserError(f"{folder}: no {TOKENIZER_JSON}")
+    return Tokenizer.from_file(str(path))
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = True, template: str = CHAT_TEMPLATE) -> str:
+    """The conversation as text, through the same Jinja settings transformers uses."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise UserError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
+            raise UserError(f"messages[{i}]: needs a 'role' and a string 'content'")
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+def chat_template_of(folder: Path | str) -> str:
+    cfg = Path(folder) / TOKENIZER_CONFIG
+    if cfg.is_file():
+        return json.loads(cfg.read_text()).get("chat_template") or CHAT_TEMPLATE
+    return CHAT_TEMPLATE

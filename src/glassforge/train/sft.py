@@ -1,0 +1,154 @@
+"""The `sft` stage: chat fine-tuning of the pretrained model, loss on assistant tokens only.
+
+Each conversation is rendered with the release's chat template and tokenized
+once, as inference will see it; a token is trained on when it starts inside an
+assistant message's content or its closing `<|end|>` (so the model learns to
+stop). System and user tokens, role headers and padding carry no loss.
+
+Conversations are padded, not packed, to `sft.seq_len`: one conversation per
+row, so attention never crosses conversations, with no mask machinery; the
+conversations here are short, so padding costs little. Longer ones are cut.
+
+Training goes through the shared trainer (`train.py`), so resume, determinism
+and torchrun work as for pretraining. The base model's loss on the held-out
+conversations is measured first, so the gain from fine-tuning is on record
+(`sft/summary.json`, and the model card).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from glassforge.core.errors import UserError
+from glassforge.core.files import atomic_write_json
+from glassforge.core.runfolder import Run, latest_weights
+from glassforge.core.stages import stage_input_hash
+from glassforge.data.documents import iter_documents
+from glassforge.model.hf import load_weights
+from glassforge.model.llama import Llama
+from glassforge.tokenizer.bpe import END, PAD, load_tokenizer, render_chat
+from glassforge.train.conversations import (
+    Conversation,
+    pystdlib_qa,
+    read_messages_jsonl,
+)
+from glassforge.train.device import pick_dtype
+from glassforge.train.loop import evaluate, train
+
+
+def assistant_spans(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans that carry loss.
+
+    Built piece by piece in the template's own format, and checked against the
+    Jinja rendering so the two can never drift apart.
+    """
+    text, spans = "", []
+    for m in messages:
+        text += f"<|{m['role']}|>\n"
+        start = len(text)
+        text += m["content"] + END
+        if m["role"] == "assistant":
+            spans.append((start, len(text)))
+        text += "\n"
+    if text != render_chat(messages, add_generation_prompt=False):
+        raise AssertionError("chat template and loss masking disagree")
+    return text, spans
+
+
+class Conversations:
+    """Padded rows of token ids and targets (-100 where there is no loss)."""
+
+    def __init__(self, convs: list[Conversation], tok, seq_len: int):
+        pad = tok.token_to_id(PAD)
+        n = len(convs)
+        self.x = np.full((n, seq_len), pad, dtype=np.int64)
+        self.y = np.full((n, seq_len), -100, dtype=np.int64)
+        total_tokens = total_bytes = 0
+        texts_spans = [assistant_spans(c.messages) for c in convs]
+        encodings = tok.encode_batch([t for t, _ in texts_spans], add_special_tokens=False)
+        for i, ((text, spans), enc) in enumerate(zip(texts_spans, encodings)):
+            ids = enc.ids[: seq_len + 1]
+            starts = [s for s, _ in enc.offsets[: len(ids)]]
+            trained = np.array([any(a <= s < b for a, b in spans) for s in starts], dtype=bool)
+            self.x[i, : len(ids) - 1] = ids[:-1]
+            targets = np.asarray(ids[1:], dtype=np.int64)
+            targets[~trained[1:]] = -100
+            self.y[i, : len(ids) - 1] = targets
+            total_tokens += int(trained[1:].sum())
+            total_bytes += sum(len(text[a:b].encode()) for a, b in spans)
+        self.bytes_per_token = total_bytes / max(1, total_tokens)
+        self.target_tokens = total_tokens
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, indices):
+        idx = np.asarray(indices)
+        return torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
+
+
+def load_conversations(run: Run, files: dict[str, Path] | None = None) -> tuple[list[Conversation],
+                                                                               list[Conversation], dict]:
+    """(train, validation, report) from the recipe's sft.conversations.
+
+    files maps a conversation file the recipe names to where it is now (a release carries copies: replay
+    reads those, not the builder's paths).
+    """
+    recipe = run.load_recipe()
+    train, val, report = [], [], {}
+    for name in recipe.sft.conversations:
+        if name == "pystdlib-qa":
+            pystdlib_names = {s.name for s in recipe.data.sources if s.kind == "pystdlib"}
+            docs = (d for d in iter_documents(run) if d["id"].split(":", 1)[0] in pystdlib_names)
+            t, v = pystdlib_qa(docs, recipe.seed)
+            report[name] = {"train": len(t), "val": len(v)}
+        else:
+            convs, rep = read_messages_jsonl((files or {}).get(name, Path(name)))
+            for p in rep.problems:
+                print(f"sft: skipped {p}")
+            # Files are split by position: every 20th conversation validates.
+            t = [c for i, c in enumerate(convs) if i % 20 != 19]
+            v = [c for i, c in enumerate(convs) if i % 20 == 19]
+            report[name] = {"train": len(t), "val": len(v), "skipped": rep.skipped, "problems": rep.problems[:20]}
+        train += t
+        val += v
+    if not train:
+        raise UserError("sft.conversations: no training conversations")
+    return train, val, report
+
+
+def run_sft(run: Run) -> dict:
+    recipe = run.load_recipe()
+    cfg = recipe.sft
+    if cfg.seq_len > recipe.model.max_seq_len:
+        raise UserError(f"sft.seq_len={cfg.seq_len} exceeds model.max_seq_len={recipe.model.max_seq_len}")
+    base = latest_weights(run.pretrain)
+    tok = load_tokenizer(run.tokenizer)
+    train_convs, val_convs, report = load_conversations(run)
+    train_set = Conversations(train_convs, tok, cfg.seq_len)
+    val_set = Conversations(val_convs, tok, cfg.seq_len) if val_convs else None
+
+    base_val = None
+    if val_set is not None:
+        model = Llama(recipe.model)
+        load_weights(base, model)
+        base_val, _ = evaluate(model, val_set, cfg, torch.device("cpu"), pick_dtype(cfg, torch.device("cpu")))
+
+    result = train(recipe.model, train_set, val_set, cfg, run.sft, recipe.seed + 1,
+                   stage_input_hash(run, "sft"), init_weights=base, label="sft")
+    summary = {"conversations": report, "train_conversations": len(train_set),
+               "val_conversations": len(val_set) if val_set else 0,
+               "train_target_tokens": train_set.target_tokens,
+               "base_val_loss": base_val, "val_loss": result.val_loss, "final_loss": result.final_loss,
+               "steps": result.steps, "seconds": round(result.seconds, 1)}
+    atomic_write_json(run.sft_summary, summary)
+    return summary
+
+
+def sft_summary(run: Run) -> dict | None:
+    path = run.sft_summary
+    return json.loads(path.read_text()) if path.is_file() else None
