@@ -14,15 +14,16 @@ sha256 of its own hashes and the previous checkpoint's link, across stages (the
 first fine-tuning checkpoint links to pretraining's last), so dropping,
 reordering or swapping a checkpoint breaks every link after it.
 
-Signing is optional and uses a DSSE envelope (`attestation.dsse.json`): an
-ed25519 signature over the pre-authentication encoding of the exact bytes of
-`attestation.json`. Make a key with `openssl genpkey -algorithm ed25519 -out
-key.pem` (or `write_keypair` here); publish the public half.
+The statement is checked with the in-toto project's own bindings
+(`in_toto_attestation.v1`, `validate_statement`) before it is written and by
+`glassforge verify`. It is not signed on its own: the release's OpenSSF Model
+Signing signature (signing.py) lists the sha256 of `attestation.json` with
+every other file, so that one signature reaches the statement and, through it,
+every byte.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import platform
 import subprocess
@@ -30,7 +31,6 @@ from pathlib import Path
 
 from glassforge import __version__
 from glassforge.core.errors import UserError
-from glassforge.core.files import atomic_write_bytes
 from glassforge.core.hashing import canonical_json, sha256_bytes, sha256_file
 from glassforge.core.manifest import read_manifest_head
 from glassforge.core.runfolder import (
@@ -48,7 +48,6 @@ from glassforge.train.device import cpu_threads
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://glassforge.dev/attestation/training/v1"
-PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
 
 # --------------------------------------------------------------------------- provenance pieces
@@ -186,6 +185,8 @@ def attestation_predicate(run: Run, carried: list[dict], pack: dict, manifest_sh
     training = {name: _trained(run.stage_dir(name)) for name, _ in stages}
     for name in training:
         training[name]["checkpoint_every"] = getattr(recipe, name).checkpoint_every
+    if "rl" in training and run.rollouts.is_file():
+        training["rl"]["rollouts"] = {"file": Release(run.release).rollouts.name, "sha256": sha256_file(run.rollouts)}
     return {
         "recipe": {"name": recipe.name, "sha256": recipe.hash(), "file": RECIPE},
         "data": {"mix_merkle_root": merkle["mix"], "source_merkle_roots": merkle.get("sources", {}),
@@ -243,105 +244,20 @@ def statement(weights_sha256: str, predicate: dict, weights_name: str = WEIGHTS)
             "predicate": predicate}
 
 
-def statement_bytes(stmt: dict) -> bytes:
-    return (json.dumps(stmt, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+def validate_statement(stmt: dict) -> str | None:
+    """None if in-toto's own bindings accept stmt as an in-toto Statement v1, else why not (one line)."""
+    from google.protobuf import json_format
+    from in_toto_attestation.v1 import statement_pb2
+    from in_toto_attestation.v1.statement import Statement
 
-
-# --------------------------------------------------------------------------- signing (DSSE, ed25519)
-
-def pae(payload_type: str, payload: bytes) -> bytes:
-    """DSSE's pre-authentication encoding: what is actually signed."""
-    t = payload_type.encode("utf-8")
-    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
-
-
-def _load_private_key(path: Path):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--sign-key {path}: no such file")
+    if not isinstance(stmt, dict):
+        return f"not a JSON object but {type(stmt).__name__}"
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"--sign-key {path}: not an unencrypted PEM private key ({e})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise UserError(f"--sign-key {path}: not an ed25519 key (make one: openssl genpkey -algorithm ed25519)")
-    return key
-
-
-def load_public_key(path: Path):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--public-key {path}: no such file")
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except ValueError as e:
-        raise UserError(f"--public-key {path}: not a PEM public key ({e})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise UserError(f"--public-key {path}: not an ed25519 public key")
-    return key
-
-
-def _raw_public(key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def key_id(public_key) -> str:
-    return "sha256:" + sha256_bytes(_raw_public(public_key))
-
-
-def public_pem(public_key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def sign(payload: bytes, key_path: Path) -> tuple[dict, bytes]:
-    """A DSSE envelope over payload, and the signer's public key (PEM)."""
-    key = _load_private_key(key_path)
-    pub = key.public_key()
-    envelope = {"payloadType": PAYLOAD_TYPE,
-                "payload": base64.b64encode(payload).decode("ascii"),
-                "signatures": [{"keyid": key_id(pub),
-                                "sig": base64.b64encode(key.sign(pae(PAYLOAD_TYPE, payload))).decode("ascii")}]}
-    return envelope, public_pem(pub)
-
-
-def verify_envelope(envelope: dict, payload: bytes, public_key) -> str | None:
-    """None if the envelope holds payload and a valid signature by public_key, else why not."""
-    from cryptography.exceptions import InvalidSignature
-
-    try:
-        if envelope.get("payloadType") != PAYLOAD_TYPE:
-            return f"payloadType is {envelope.get('payloadType')!r}, not {PAYLOAD_TYPE}"
-        if base64.b64decode(envelope["payload"]) != payload:
-            return "the signed payload is not attestation.json as it stands"
-        kid = key_id(public_key)
-        sigs = [s for s in envelope.get("signatures", []) if s.get("keyid") == kid]
-        if not sigs:
-            return f"no signature by key {kid}"
-        public_key.verify(base64.b64decode(sigs[0]["sig"]), pae(PAYLOAD_TYPE, payload))
-    except InvalidSignature:
-        return "the signature does not verify"
-    except (KeyError, TypeError, ValueError) as e:
-        return f"malformed envelope ({e})"
+        Statement.copy_from_pb(json_format.ParseDict(stmt, statement_pb2.Statement())).validate()
+    except (json_format.ParseError, ValueError, TypeError) as e:
+        return str(e).splitlines()[0]
     return None
 
 
-def write_keypair(private_path: Path, public_path: Path) -> str:
-    """A fresh ed25519 key pair as PEM files; returns the key id."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    key = Ed25519PrivateKey.generate()
-    atomic_write_bytes(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    atomic_write_bytes(public_path, public_pem(key.public_key()))
-    return key_id(key.public_key())
+def statement_bytes(stmt: dict) -> bytes:
+    return (json.dumps(stmt, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")

@@ -8,6 +8,15 @@ checkpoint chain links up and ends at the released weights, that the training
 log agrees with the steps attested, that every carried checkpoint is the one
 in the chain, and the signature where there is one.
 
+Three of the claims are the field's own tools' verdicts, not glassforge's:
+`in-toto statement` (the in-toto project's `in_toto_attestation.v1`
+bindings validate attestation.json), `signature` (OpenSSF Model Signing's
+`model-signing` library checks model.sig over every file, with `--public-key`
+or the key the release ships; signing.py) and `croissant` / `croissant data`
+(MLCommons' `mlcroissant` accepts croissant.json, whose file hashes are the
+data pack's; croissant.py). `sign_command` signs a finished release only once
+everything else verifies.
+
 `--data` adds the training data the release carries (release/datapack.py):
 every document's sha256 recomputed from its text, the Merkle roots recomputed
 from those in the training order, the order's hash and the counts, against the
@@ -36,17 +45,14 @@ from glassforge.core.manifest import folder_sha256, read_manifest_head
 from glassforge.core.recipe import ModelConfig, load_recipe, parse_recipe
 from glassforge.core.runfolder import OPTIMIZER, RECIPE, TRAINER, WEIGHTS, Release, Run
 from glassforge.data.checks import verify_data
-from glassforge.release.attest import (
-    PREDICATE_TYPE,
-    STATEMENT_TYPE,
-    check_chain,
-    dependency_lock,
-    key_id,
-    load_public_key,
-    verify_envelope,
-)
-from glassforge.release.datapack import check_pack
+from glassforge.release.attest import PREDICATE_TYPE, STATEMENT_TYPE, check_chain, dependency_lock, validate_statement
+from glassforge.release.croissant import check_croissant
+from glassforge.release.datapack import check_pack, pack_documents
 from glassforge.release.replay import MODES, replay_release
+from glassforge.tokenizer.bpe import load_tokenizer
+from glassforge.train.rewards import reward_table
+from glassforge.train.rl import rescore_rollouts
+from glassforge.release.signing import check_signature, load_private_key, load_public_key, sign_release
 
 Claim = tuple[str, bool, str]
 
@@ -90,10 +96,12 @@ def check_attestation(release: Path, stmt: dict, manifest: dict) -> list[Claim]:
     claims: list[Claim] = []
     pred = stmt.get("predicate") or {}
     subject = (stmt.get("subject") or [{}])[0]
-    ok = stmt.get("_type") == STATEMENT_TYPE and stmt.get("predicateType") == PREDICATE_TYPE and bool(subject)
-    claims.append(("attestation format", ok, f"in-toto Statement v1, predicate {PREDICATE_TYPE}" if ok else
-                   f"_type {stmt.get('_type')!r}, predicateType {stmt.get('predicateType')!r}: not a glassforge "
-                   f"in-toto Statement v1"))
+    why = validate_statement(stmt)
+    if why is None and (stmt.get("_type") != STATEMENT_TYPE or stmt.get("predicateType") != PREDICATE_TYPE):
+        why = f"predicateType {stmt.get('predicateType')!r}, not glassforge's {PREDICATE_TYPE}"
+    claims.append(("in-toto statement", why is None, f"attestation.json is an in-toto Statement v1 (checked by "
+                   f"in_toto_attestation.v1), predicate {PREDICATE_TYPE}" if why is None else
+                   f"attestation.json is not a valid in-toto Statement v1: {why}"))
 
     want = (pred.get("release") or {}).get("manifest_sha256")
     actual = sha256_file(Release(release).manifest)
@@ -223,30 +231,25 @@ def _check_metrics(release: Path, pred: dict) -> list[Claim]:
                        for s, i in (pred.get("training") or {}).items() if i))]
 
 
-def check_signature(release: Path, payload: bytes, public_key: Path | None) -> list[Claim]:
-    env_path = Release(release).signature
-    if not env_path.is_file():
-        if public_key is not None:
-            return [("signature", False, "--public-key given but the release is not signed (no attestation.dsse.json)")]
+def check_rollouts(release: Path, pred: dict) -> list[Claim]:
+    """RL's logged rollouts: the attested file, every completion scored again from the pack's documents."""
+    info = (pred.get("training") or {}).get("rl")
+    if not info:
         return []
-    envelope, err = _load_json(env_path)
-    if err:
-        return [("signature", False, err)]
-    if public_key is not None:
-        key = load_public_key(public_key)
-        source = f"--public-key {public_key}"
-    elif Release(release).signing_key.is_file():
-        try:
-            key = load_public_key(Release(release).signing_key)
-        except UserError as e:
-            return [("signature", False, f"signing_key.pub: {e}")]
-        source = "the key shipped in signing_key.pub (pass --public-key to check it is one you trust)"
-    else:
-        return [("signature", False, "signed, but no key to check it: pass --public-key")]
-    why = verify_envelope(envelope, payload, key)
+    spec, path = info.get("rollouts") or {}, Release(release).rollouts
+    if not path.is_file() or sha256_file(path) != spec.get("sha256"):
+        return [("rl rollouts", False, f"{path.name} is missing or not the attested rollout log")]
+    try:
+        table = reward_table(pack_documents(release))
+    except UserError as e:
+        return [("rl rollouts", False, f"no reward table to score with: {e}")]
+    steps, completions, why = rescore_rollouts(path.read_text(encoding="utf-8").splitlines(), table,
+                                               load_tokenizer(release))
     if why:
-        return [("signature", False, why)]
-    return [("signature", True, f"ed25519 signature by {key_id(key)[:19]}... verifies, with {source}")]
+        return [("rl rollouts", False, f"{path.name}: {why}")]
+    return [("rl rollouts", steps == info.get("steps"), f"all {completions:,} logged completions of {steps} steps "
+             f"score again, from the data pack's documents, to their logged rewards and advantages"
+             if steps == info.get("steps") else f"{path.name} logs {steps} steps but {info.get('steps')} are attested")]
 
 
 # --------------------------------------------------------------------------- --data RUN
@@ -286,6 +289,15 @@ def check_run_data(run_root: Path, pred: dict) -> list[Claim]:
 # --------------------------------------------------------------------------- entry points
 
 
+def _release_folder(path: Path) -> Path:
+    release = Path(path)
+    if not release.is_dir():
+        raise UserError(f"{release}: no such release folder")
+    if not Release(release).manifest.exists() and Release(release / "release").manifest.is_file():
+        release = release / "release"  # a run folder: its release
+    return release
+
+
 @hashing_once()  # the manifest, attestation and replay checks each ask for the same files' hashes
 def verify_release(release: Path, replay: str | None = None, data: bool | Path = False,
                    public_key: Path | None = None, samples: int = 2, seed: int | None = None,
@@ -295,30 +307,30 @@ def verify_release(release: Path, replay: str | None = None, data: bool | Path =
     data: True checks the release's own data pack, a path checks that run folder's documents instead.
     replay: None, or a coverage of release/replay.py (last, all, sample), with samples and seed for sample.
     """
-    release = Path(release)
-    if not release.is_dir():
-        raise UserError(f"{release}: no such release folder")
-    if not Release(release).manifest.exists() and Release(release / "release").manifest.is_file():
-        release = release / "release"  # a run folder: its release
+    release = _release_folder(release)
+    if public_key is not None:
+        load_public_key(Path(public_key))  # a key file of the wrong kind is a mistake in the command: exit 2
     if replay is not None and replay not in MODES:
         raise UserError(f"--replay {replay}: expected one of {', '.join(MODES)}")
+    signature = check_signature(release, public_key)  # over every file: whatever else is broken
     manifest, err = _load_json(Release(release).manifest)
     if err:
-        return [("manifest", False, err)]
-    claims = check_files(release, manifest)
+        return [("manifest", False, err)] + signature
+    claims = check_files(release, manifest) + signature
     stmt, err = _load_json(Release(release).attestation)
     if err:
         return claims + [("attestation", False, err)]
-    claims += check_signature(release, Release(release).attestation.read_bytes(), public_key)
     try:
         claims += check_attestation(release, stmt, manifest)
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # a hand-edited statement of the wrong shape
         return claims + [("attestation", False, f"attestation.json is malformed ({type(e).__name__}: {e})")]
     pred = stmt.get("predicate") or {}
+    claims += check_croissant(release, (pred.get("data") or {}).get("pack") or {})
     if isinstance(data, Path):
         claims += check_run_data(data, pred)
     elif data or replay is not None:  # a replay trains on the pack: check it first
         claims += check_pack(release, pred.get("data") or {})
+        claims += check_rollouts(release, pred)
     if replay is not None:
         claims += replay_release(release, pred, replay, samples=samples, seed=seed, threads=threads)
     return claims
@@ -344,12 +356,26 @@ def check_summary(release: Path) -> dict:
         "checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.perf_counter() - t0, 3),
         "how": "file hashes and attestation claims (glassforge verify without --data or --replay)",
-        "checked": ["file hashes", "attestation", "checkpoint chain", "carried checkpoints", "signature"],
+        "checked": ["file hashes", "in-toto statement", "attestation", "checkpoint chain", "carried checkpoints",
+                    "croissant", "signature"],
         "not_checked": {
             "data": "the training documents' hashes and Merkle roots: glassforge verify RELEASE --data",
             "replay": "that the weights re-train from the data: glassforge verify RELEASE --replay all",
         },
     }
+
+
+def sign_command(release: Path, key: Path) -> dict:
+    """`glassforge sign`: sign a finished release with model-signing, once every claim but the signature passes
+    (a signer vouches for what it signs; a release changed since it was built is refused)."""
+    release = _release_folder(release)
+    load_private_key(Path(key), "--key")  # a bad key: one line, before minutes of hashing
+    failed = [(n, r) for n, ok, r in verify_release(release) if not ok and n != "signature"]
+    if failed:
+        raise UserError(f"{release}: not signing a release that does not verify: FAIL {failed[0][0]}: {failed[0][1]}"
+                        + (f" ({len(failed) - 1} more; `glassforge verify {release}` lists them)" if len(failed) > 1
+                           else ""))
+    return sign_release(release, Path(key), "--key")
 
 
 def verify_command(release: Path, replay: str | None, data: bool | Path, public_key: Path | None,
@@ -360,6 +386,9 @@ def verify_command(release: Path, replay: str | None, data: bool | Path, public_
                             samples=samples, seed=seed, threads=threads)
     for name, ok, reason in claims:
         print(f"{'PASS' if ok else 'FAIL'} {name}: {reason}", flush=True)
+    if not any(name == "signature" for name, _, _ in claims):
+        print(f"NOTE signature: the release is not signed (no {Release(release).signature.name}): nothing ties it "
+              f"to a signer; sign it with `glassforge sign RELEASE --key KEY`")
     failed = sum(not ok for _, ok, _ in claims)
     print(f"verify: {len(claims) - failed} of {len(claims)} claims pass" + (f", {failed} FAIL" if failed else "")
           + f" ({time.perf_counter() - t0:.0f} s)")
