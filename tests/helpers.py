@@ -45,12 +45,12 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """uvicorn on 127.0.0.1 with an ephemeral port, in a thread."""
+    """uvicorn on 127.0.0.1 with an ephemeral port, in a thread (config: more uvicorn.Config settings)."""
 
-    def __init__(self, app):
+    def __init__(self, app, **config):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_until(lambda: self.server.started or not self.thread.is_alive(), 30, "server did not start")
@@ -119,3 +119,50 @@ def make_random_model_folder(folder: Path, d_model: int = 64, n_layers: int = 2,
     save_file(model.hf_state_dict(), tok_dir / "weights.safetensors")
     write_model_folder(folder, cfg, tok_dir / "weights.safetensors", tok_dir)
     return folder
+
+
+def add_trace_index(folder: Path, engine, texts: list[str]) -> Path:
+    """A trace index over texts (one document each) in the release folder, built with the engine's tokenizer."""
+    import numpy as np
+
+    from glassforge.core.hashing import sha256_bytes, sha256_file
+    from glassforge.core.runfolder import Release
+    from glassforge.release.trace_index import build_index_arrays
+
+    stream, offsets, docs = [], [0], []
+    for i, t in enumerate(texts):
+        stream += engine.encode(t) + [engine.eot_id]
+        offsets.append(len(stream))
+        docs.append({"id": f"doc{i}", "source": "pystdlib", "license": "PSF-2.0", "sha256": sha256_bytes(t.encode())})
+    build_index_arrays(np.array(stream, dtype=np.uint16), np.array(offsets), docs, Release(folder).trace,
+                       eot_id=engine.eot_id, tokenizer_sha256=sha256_file(Release(folder).tokenizer_json))
+    return folder
+
+
+def post_concurrently(root: str, requests: list[tuple[str, dict]], timeout: float = 300) -> list:
+    """POST each (path, json body) to root at once, one thread each; the responses, in order."""
+    import httpx
+
+    out: list = [None] * len(requests)
+    with httpx.Client(timeout=timeout) as client:
+        def post(i: int, path: str, body: dict) -> None:
+            out[i] = client.post(root + path, json=body)
+
+        threads = [threading.Thread(target=post, args=(i, *r)) for i, r in enumerate(requests)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return out
+
+
+def metrics_of(root: str) -> dict[str, float]:
+    """The server's /metrics, one number per series (labels included in the name)."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"{root}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out

@@ -16,7 +16,7 @@ from glassforge.core.errors import UserError
 from glassforge.model.llama import KVCache
 from glassforge.serve.engine import Engine
 from glassforge.serve.fastpath import AOT_GRAPHS, DECODE_WEIGHTS, CompileState, FastPath, compile_settings
-from glassforge.serve.text import find_stop, holdback
+from glassforge.serve.text import StopScanner
 from glassforge.serve.types import ContextTooLong, QueueFull, SamplingParams
 from helpers import wait_until
 
@@ -162,13 +162,49 @@ def test_seeded_sampling_is_independent_of_batch_companions(engine):
     assert engine.generate(ids, SamplingParams(**{**p.__dict__, "seed": 43}))[0].text != alone
 
 
-def test_stop_string_helpers():
-    assert find_stop("abc STOP def", 0, ["STOP"]) == 4
-    assert find_stop("abc ST", 0, ["STOP"]) is None
-    assert find_stop("xxSTxxOP", 6, ["OP", "ST"]) == 6  # only where new text can complete a stop
-    assert holdback("hello S", ["STOP"]) == 1
-    assert holdback("hello STO", ["STOP", "Ox"]) == 3
-    assert holdback("hello", ["STOP"]) == 0
+def scan(text: str, stops: list[str], pieces: int = 1) -> tuple[int | None, int]:
+    """A StopScanner fed text in `pieces` equal parts: where the first stop begins, and the hold-back after."""
+    scanner = StopScanner(stops)
+    step = max(1, len(text) // pieces)
+    for start in range(0, len(text), step):
+        cut = scanner.feed(text[:start + step], start)
+        if cut is not None:
+            return cut, scanner.holdback()
+    return None, scanner.holdback()
+
+
+def test_stop_strings_are_found_and_held_back():
+    assert scan("abc STOP def", ["STOP"]) == (4, 4)
+    assert scan("abc ST", ["STOP"]) == (None, 2)
+    for pieces in (1, 3, 12):  # however the text arrives
+        assert scan("abc STOP def", ["STOP"], pieces)[0] == 4
+        assert scan("abababc", ["ababc"], pieces)[0] == 2  # a partial match that fails falls back, not restarts
+    assert scan("xxSTxxOP", ["OP", "ST"]) == (2, 2)
+    assert scan("hello S", ["STOP"]) == (None, 1)
+    assert scan("hello STO", ["STOP", "Ox"]) == (None, 3)
+    assert scan("hello", ["STOP"]) == (None, 0)
+    assert scan("aaab", ["aab", "b"])[0] == 1  # the stop that begins first wins, not the one that ends first
+    assert scan("hello", ["", "lo"])[0] == 3  # an empty stop string is no stop
+
+
+def test_stop_holdback_is_linear_in_the_stop_length():
+    """The worst case for the old holdback (every prefix of every stop checked at every token): text that keeps
+    ending in a long prefix of the stop. Its cost per token must not grow with the stop's length."""
+    def seconds(stop_len: int) -> float:
+        # the text never ends in a prefix of the first stop, and always in a long prefix of the second
+        stops = ["b" + "a" * (stop_len - 1), "a" * (stop_len - 1) + "b"] * 4
+        scanner = StopScanner(stops)  # the tables are built (and cached) before the clock starts
+        text = ""
+        started = time.perf_counter()
+        for _ in range(2000):  # 2000 tokens of 4 characters each
+            start = len(text)
+            text += "aaaa"
+            assert scanner.feed(text, start) is None
+        assert scanner.holdback() == min(len(text), stop_len - 1)
+        return time.perf_counter() - started
+
+    short, long = seconds(64), seconds(8000)
+    assert long < 4 * short + 0.05, (short, long)  # the old check took over a minute for the long stops
 
 
 def test_stop_token_and_max_tokens(engine):

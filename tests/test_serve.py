@@ -12,7 +12,8 @@ import time
 import httpx
 import numpy as np
 import pytest
-from helpers import LiveServer, sse_events, wait_until
+
+from helpers import LiveServer, add_trace_index, metrics_of, sse_events, wait_until
 
 openai = pytest.importorskip("openai")
 
@@ -38,15 +39,6 @@ def live(random_model):
 @pytest.fixture()
 def client(live):
     return openai.OpenAI(base_url=live.base, api_key="anything", max_retries=0, timeout=60)
-
-
-def metrics_of(root: str) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(f"{root}/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 MSGS = [{"role": "user", "content": "Write a function that parses JSON."}]
@@ -358,7 +350,7 @@ def test_queue_full_is_429_and_disconnect_frees_slot(random_model):
             payload = json.dumps({**body, "stream": False, "n": 4, "max_tokens": 250, "prompt": "x"}).encode()
             u = urlsplit(srv.base)
             sock = socket.create_connection((u.hostname, u.port))
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
             wait_until(lambda: metrics_of(srv.root)["glassforge_running_sequences"] == 4, 10,
                        "the request never ran", interval=0.005)
@@ -389,8 +381,10 @@ def test_error_midstream_is_an_error_event(live, monkeypatch):
         assert "[DONE]" not in events
         *chunks, last = events
         assert chunks and all("choices" in c for c in chunks), events
-        assert last == {"error": {"message": "internal error: RuntimeError: boom", "type": "server_error",
-                                  "param": None, "code": None}}
+        rid = r.headers["x-request-id"]
+        assert last == {"error": {"message": f"internal server error (request id {rid}); the server's log has "
+                                             "the details", "type": "server_error", "param": None, "code": None}}
+        assert "boom" not in json.dumps(events)  # the exception's text stays in the log
     monkeypatch.undo()
     wait_until(lambda: live.engine.batch_size == 0, 10, "failed sequences still running")
     r = httpx.post(f"{live.base}/completions", json={"prompt": "import", "max_tokens": 2}, timeout=60)
@@ -554,7 +548,6 @@ def test_terminal_chat(random_model, monkeypatch):
 
 def test_trace(client, live, tmp_path):
     from glassforge.release.trace import Tracer
-    from glassforge.release.trace_index import build_index_arrays
 
     # the random model's release has no trace index: one OpenAI-shaped 400, wherever tracing is asked for
     r = httpx.post(f"{live.base}/trace", json={"text": "import json"})
@@ -571,21 +564,13 @@ def test_trace(client, live, tmp_path):
     # a copy of the release with an index over a few documents
     import shutil
 
-    from glassforge.core.hashing import sha256_bytes, sha256_file
     from glassforge.core.runfolder import Release
     from glassforge.data import pystdlib
 
     folder = tmp_path / "release"
     shutil.copytree(live.engine.folder, folder, ignore=shutil.ignore_patterns("trace"))
-    eng = live.engine
     texts = [d.text for d in pystdlib.iter_documents(["json"])][:5]
-    stream, offsets, docs = [], [0], []
-    for i, t in enumerate(texts):
-        stream += eng.encode(t) + [eng.eot_id]
-        offsets.append(len(stream))
-        docs.append({"id": f"doc{i}", "source": "pystdlib", "license": "PSF-2.0", "sha256": sha256_bytes(t.encode())})
-    build_index_arrays(np.array(stream, dtype=np.uint16), np.array(offsets), docs, Release(folder).trace,
-                       eot_id=eng.eot_id, tokenizer_sha256=sha256_file(Release(folder).tokenizer_json))
+    add_trace_index(folder, live.engine, texts)
     engine, srv = start(folder, max_batch=2)
     try:
         quote = texts[0][:200]

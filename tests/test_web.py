@@ -166,7 +166,7 @@ def test_the_page_needs_no_key_but_facts_and_the_api_do(random_model):
     try:
         app = create_app(engine, api_key="sesame")
         web.mount(app, random_model, {"model": "random", "auth_required": True}, verify=False)
-        with TestClient(app) as client:
+        with TestClient(app, base_url="http://localhost") as client:
             for path in ("/", "/static/app.js", "/static/style.css"):
                 assert client.get(path).status_code == 200, path
             for path in ("/facts", "/v1/models", "/metrics", "/static/index.htm"):
@@ -189,10 +189,14 @@ def test_routes_on_a_folder_without_release_files(random_model):
     try:
         app = create_app(engine)
         facts = web.mount(app, random_model, {"model": "random"})
-        with TestClient(app) as client:
+        with TestClient(app, base_url="http://localhost") as client:
             r = client.get("/")
             assert r.status_code == 200 and "text/html" in r.headers["content-type"]
-            assert "script-src 'self'" in r.headers["content-security-policy"]
+            assert r.headers["content-security-policy"] == web.CSP
+            # the same policy on every HTML answer, the page's file as much as the page
+            r = client.get("/static/index.html")
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+            assert r.headers["content-security-policy"] == web.CSP and r.headers["x-content-type-options"] == "nosniff"
             assert '<script src="/static/app.js"' in r.text
             assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
             assert client.get("/static/style.css").status_code == 200

@@ -13,26 +13,27 @@ This module wires them together, with what holds for every route:
 
 - Errors are OpenAI's `{"error": {message, type, param, code}}` whatever raised
   them: an `APIError`, pydantic's validation (a 400 naming the parameter; a
-  body that is not JSON at all is a 422), an unknown route (404), or a bug
-  (500, its details only in the server's terminal).
-- `Guard`, a pure ASGI middleware so streams pass through untouched, bounds the
-  request body (413), counts every request for /metrics, and checks the API
-  key: with one, every route but `/health`, the schema (`/openapi.json`,
-  `/docs`) and the page's own files needs `Authorization: Bearer KEY`,
-  compared in constant time; the Host header plays no part. Without a key any
-  key is accepted (the openai client refuses to start without one).
+  body that is not JSON at all is a 422; text that is not valid Unicode a 400
+  `invalid_text`), an unknown route (404), or a bug (500 naming the request's
+  id; the traceback goes to the log under that id, guard.py).
+- guard.py's `Guard` middleware checks the Host (DNS-rebinding protection),
+  the API key, the body's size and time, and counts every request; its
+  `http_protocol` times out requests whose headers never finish.
+- The limits of one request (limits.py's `Limits`) are `create_app`'s
+  `limits` and `serve`'s flags; the Host allow-list is `allowed_hosts`.
+- No /docs or /redoc: their pages load Swagger and ReDoc from a CDN, which an
+  air-gapped machine cannot reach and the page's CSP forbids. The schema is at
+  /openapi.json, for any OpenAPI viewer.
 - `serve` binds 127.0.0.1 unless told otherwise, and checks the port before
   loading the model, so a taken port fails in a second, not after the load.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import socket
-import sys
-import time
 from pathlib import Path
+from typing import Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,82 +43,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from glassforge import __version__
 from glassforge.core.errors import UserError
 from glassforge.serve.engine import Engine
-from glassforge.serve.metrics import Metrics, route_label
+from glassforge.serve.guard import Guard, HostCheck, http_protocol
+from glassforge.serve.limits import Limits
 from glassforge.serve.protocol import APIError, error_body
 from glassforge.serve.routes import openai, ops, tokenizer, trace
 from glassforge.serve.serving import Server, stream_interval_seconds
-from glassforge.serve.web import is_public_path, mount
-
-MAX_BODY_BYTES = 8 << 20
-PUBLIC_PATHS = {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+from glassforge.serve.web import mount
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
-
-
-class Guard:
-    """Pure ASGI middleware: body size, API key, request metrics (streams pass through untouched)."""
-
-    def __init__(self, app, api_key: str | None, metrics: Metrics, max_body: int):
-        self.app, self.api_key, self.metrics, self.max_body = app, api_key, metrics, max_body
-
-    async def _send_error(self, send, status: int, body: dict, headers: list | None = None):
-        data = json.dumps(body).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(data)).encode())] + (headers or [])})
-        await send({"type": "http.response.body", "body": data})
-
-    def _authorised(self, path: str, headers: dict[str, str]) -> bool:
-        if not self.api_key or path in PUBLIC_PATHS or is_public_path(path):
-            return True
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        started = time.perf_counter()
-        status_box = [500]
-
-        async def send_wrapped(message):
-            if message["type"] == "http.response.start":
-                status_box[0] = message["status"]
-            await send(message)
-
-        self.metrics.in_flight += 1
-        try:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            if not self._authorised(path, headers):
-                status_box[0] = 401
-                return await self._send_error(send, 401, error_body(
-                    "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
-                    "invalid_request_error", None, "invalid_api_key"),
-                    [(b"www-authenticate", b"Bearer")])
-            length = headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body):
-                status_box[0] = 413
-                return await self._send_error(send, 413, error_body(
-                    f"request body larger than {self.max_body} bytes", "invalid_request_error", None,
-                    "request_too_large"))
-            seen = [0]
-
-            async def receive_limited():
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen[0] += len(message.get("body", b""))
-                    if seen[0] > self.max_body:
-                        raise APIError(413, f"request body larger than {self.max_body} bytes",
-                                       code="request_too_large")
-                return message
-
-            await self.app(scope, receive_limited, send_wrapped)
-        finally:
-            self.metrics.in_flight -= 1
-            self.metrics.record(route_label(path), status_box[0], time.perf_counter() - started)
 
 
 async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -131,6 +67,9 @@ async def validation_error(request: Request, e: RequestValidationError) -> JSONR
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     where = ".".join(loc)
     kind = first.get("type", "")
+    if kind == "invalid_text":
+        param = first.get("ctx", {}).get("param")
+        return error_response(400, first.get("msg", "invalid text"), param=param, code="invalid_text")
     if kind == "json_invalid" or (not loc and kind in ("model_attributes_type", "dict_type")):
         return error_response(422, f"the request body is not a JSON object: {first.get('msg', '')}",
                               code="invalid_json")
@@ -150,29 +89,34 @@ async def http_error(request: Request, e: StarletteHTTPException) -> JSONRespons
     return error_response(e.status_code, msg, kind, None, None, getattr(e, "headers", None))
 
 
-async def internal_error(request: Request, e: Exception) -> JSONResponse:
-    print(f"glassforge serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-    return error_response(500, "internal server error", "server_error")
-
-
 def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None,
-               max_body: int = MAX_BODY_BYTES, stream_interval_ms: float | None = None) -> FastAPI:
-    """The FastAPI app over a running engine (the caller owns the engine's lifetime)."""
+               stream_interval_ms: float | None = None, limits: Limits | None = None,
+               allowed_hosts: Iterable[str] = ()) -> FastAPI:
+    """The FastAPI app over a running engine (the caller owns the engine's lifetime).
+
+    limits: what one request may ask for (limits.py; the defaults without). allowed_hosts: Host names
+    answered besides the loopback names and IP addresses ("*": any; guard.py says why)."""
     if model_name is None:  # a release/ folder is named after its run folder
         folder = engine.folder
         model_name = folder.parent.name if folder.name == "release" else folder.name
-    app = FastAPI(title="glassforge", version=__version__,
+    app = FastAPI(title="glassforge", version=__version__, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API over a glassforge release.")
-    server = Server(engine, model_name, stream_interval_seconds(stream_interval_ms))
+    limits = limits or Limits()
+    server = Server(engine, model_name, stream_interval_seconds(stream_interval_ms), limits=limits)
     app.state.server = server
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, internal_error)
     for api in (ops, openai, tokenizer, trace):
         app.include_router(api.router)
-    app.add_middleware(Guard, api_key=api_key, metrics=server.metrics, max_body=max_body)
+    app.add_middleware(Guard, api_key=api_key, metrics=server.metrics, limits=limits,
+                       hosts=HostCheck(allowed_hosts))
     return app
+
+
+def uvicorn_settings(limits: Limits) -> dict:
+    """The uvicorn.Config settings that go with an app made with these limits: the timed protocol."""
+    return {"http": http_protocol(limits)}
 
 
 def banner_text(host: str, port: int, model: str, api_key: str | None) -> str:
@@ -201,9 +145,12 @@ def banner_text(host: str, port: int, model: str, api_key: str | None) -> str:
 def serve(run: Path | str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_context: int | None = None, banner: bool = False,
           max_queue: int | None = None, decode_weights: str | None = None,
-          stream_interval_ms: float | None = None) -> None:
+          stream_interval_ms: float | None = None, limits: Limits | None = None,
+          allowed_hosts: Iterable[str] = ()) -> None:
     """Load the release and serve the API and the web page until interrupted."""
     import uvicorn
+
+    limits = limits or Limits()
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port}: must be 0..65535")
@@ -217,12 +164,14 @@ def serve(run: Path | str, host: str = "127.0.0.1", port: int = 8000, api_key: s
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     engine = Engine(run, max_batch=max_batch, max_context=max_context, max_queue=max_queue,
                     decode_weights=decode_weights)
-    app = create_app(engine, api_key=api_key, stream_interval_ms=stream_interval_ms)
+    app = create_app(engine, api_key=api_key, stream_interval_ms=stream_interval_ms, limits=limits,
+                     allowed_hosts=[host, *allowed_hosts])
     model = app.state.server.model_name
     mount(app, engine.folder, {"model": model, "auth_required": bool(api_key), "max_context": engine.max_context})
     if banner:
         print(banner_text(host, port, model, api_key), flush=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                    **uvicorn_settings(limits))
     finally:
         engine.close()

@@ -26,16 +26,24 @@ text, stop strings and their holdback are text.py's; `response_format` JSON is
 grammar.py's (llguidance, imported only when asked for). What goes in and
 comes out is types.py's: results leave the engine as `Event`s through a
 callback the caller supplies (the server hands them to its event loop).
+
+A failure serves one request only. One sequence's bad value, or an exception
+while sampling, detokenizing or matching its grammar, ends that sequence with
+an error event naming its request's id (the log keeps the traceback), and the
+others go on: a batched sample that fails is redone row by row, a packed
+prefill group by group, so that only the rows that fail alone fail. Only a
+failed decode forward, which every running sequence shares, ends them all.
+Before, one request's `top_k` of 10**30 ended every stream on the server.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import queue
 import threading
 import time
-import traceback
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable
@@ -58,11 +66,21 @@ from glassforge.serve.fastpath import (
 )
 from glassforge.serve.grammar import Grammars, consume
 from glassforge.serve.text import OutputText
-from glassforge.serve.types import ContextTooLong, Event, QueueFull, SamplingParams, Sink, TokenLogprob
+from glassforge.serve.types import (
+    ContextTooLong,
+    Event,
+    QueueFull,
+    SamplingParams,
+    Sink,
+    TokenLogprob,
+    internal_error_message,
+)
 from glassforge.tokenizer.bpe import END, ENDOFTEXT, chat_template_of, load_tokenizer
 
 PREFILL_PARALLEL_TOKENS = 128  # prompts at least this long are prefilled with every intra-op thread
 PACKED_PREFILL_TOKENS = 2048  # prompts arriving together are prefilled in one forward up to this many tokens
+
+log = logging.getLogger("glassforge.serve")
 
 
 def _env_on(name: str) -> bool:
@@ -74,8 +92,9 @@ class Sequence:
     """One choice being generated: its tokens, text state and cache slot."""
 
     def __init__(self, index: int, prompt_ids: list[int], params: SamplingParams, sink: Sink, group: int,
-                 text: OutputText, matcher=None):
+                 text: OutputText, matcher=None, tag: str = ""):
         self.index = index
+        self.tag = tag  # the request's id, in its error event and in the log
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.sink = sink
@@ -194,21 +213,26 @@ class Engine:
         prompt and max_tokens more do not fit the context: the one context check, for every route."""
         if not prompt_ids:
             raise UserError("the prompt is empty")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        if len(prompt_ids) + max_tokens > self.max_context:
+        if len(prompt_ids) + max_tokens > self.max_context:  # first: it costs nothing, the scan below does
             raise ContextTooLong(
                 f"This model's maximum context length is {self.max_context} tokens. However, you requested "
                 f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, "
                 f"{max_tokens} for the completion). Please reduce the prompt or max_tokens.")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """`check_prompt` for a generation, which always makes at least one token."""
         self.check_prompt(prompt_ids, max(params.max_tokens, 1))
 
-    def submit(self, requests: list[tuple[int, list[int], SamplingParams]], sink: Sink) -> list[Sequence]:
-        """Queue sequences (choice index, prompt ids, params), all or none; events go to sink."""
+    def submit(self, requests: list[tuple[int, list[int], SamplingParams]], sink: Sink,
+               matchers: list | None = None, tag: str = "") -> list[Sequence]:
+        """Queue sequences (choice index, prompt ids, params), all or none; events go to sink.
+
+        matchers: one grammar matcher per request, built by the caller (`Grammars.matchers`) where building
+        it would hold up the caller; without them, a request with a grammar gets one built here. tag: the
+        request's id, for its errors."""
         for _, ids, params in requests:
             self.check_request(ids, params)
         with self.cond:
@@ -219,14 +243,15 @@ class Engine:
                 raise QueueFull(f"{len(self.waiting)} sequences are waiting (queue limit {self.max_queue})")
             seqs = []
             groups: dict[tuple, int] = {}
-            for index, ids, params in requests:
+            for i, (index, ids, params) in enumerate(requests):
                 key = (tuple(ids), id(params))
                 if key not in groups:
                     self._groups += 1
                     groups[key] = self._groups
-                matcher = self.grammars.matcher(params.grammar) if params.grammar is not None else None
+                matcher = matchers[i] if matchers is not None else (
+                    self.grammars.matchers(params.grammar)[0] if params.grammar is not None else None)
                 seqs.append(Sequence(index, ids, params, sink, groups[key], OutputText(self.tokenizer, params.stop),
-                                     matcher))
+                                     matcher, tag))
             self.waiting.extend(seqs)
             self.cond.notify()
         return seqs
@@ -308,11 +333,8 @@ class Engine:
                 self._admit()
                 if self.running:
                     self._step()
-            except Exception as e:  # a bug: fail the running sequences, keep serving
-                traceback.print_exc()
-                for s in self.running + list(self.waiting):
-                    self._finish(s, "abort", error=f"internal error: {type(e).__name__}: {e}")
-                self.waiting.clear()
+            except Exception as e:  # the decode forward, which the running sequences share, failed (or a bug):
+                self._fail(list(self.running), e)  # they end; the waiting ones go on
         for s in self.running + list(self.waiting):
             self._finish(s, "abort", error="the server is shutting down")
 
@@ -351,7 +373,17 @@ class Engine:
             batch = self._take_prefill_batch()
             if not batch:
                 return
-            self._prefill(batch)
+            try:
+                self._prefill(batch)
+            except Exception as e:
+                if len(batch) == 1:
+                    self._fail(batch[0], e)
+                    continue
+                for group in batch:  # each alone: a prefill rewrites only its own slots, so it can be redone
+                    try:
+                        self._prefill([group])
+                    except Exception as e:  # one group's failure is its own
+                        self._fail(group, e)
 
     def _take_prefill_batch(self) -> list[list[Sequence]]:
         """Groups (the choices of one prompt) to prefill together, their slots assigned.
@@ -410,9 +442,9 @@ class Engine:
             prompt_lp = self._prompt_logprobs(first.prompt_ids, logits[:-1], first.params.prompt_logprobs)
             logits = logits[-1:]
         seqs = [s for group in batch for s in group]
-        self.running.extend(seqs)
-        rows = torch.tensor([j for j, group in enumerate(batch) for _ in group])
-        self._sample_and_emit(seqs, logits[rows], prompt_lp)
+        rows = logits[torch.tensor([j for j, group in enumerate(batch) for _ in group])]
+        self.running.extend(seqs)  # last: what can fail above may be redone (_admit), and below fails per sequence
+        self._sample_and_emit(seqs, rows, prompt_lp)
 
     def _prompt_logprobs(self, ids: list[int], logits: torch.Tensor, k: int) -> list[TokenLogprob]:
         lp = torch.log_softmax(logits.float(), -1)
@@ -454,9 +486,37 @@ class Engine:
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor,
                          prompt_lp: list[TokenLogprob] | None) -> None:
-        matchers = [s.matcher for s in seqs]
-        # a grammar allows only the tokens that keep the output a valid prefix; log-probs stay the model's
-        masked = self.grammars.mask(logits, matchers) if any(m is not None for m in matchers) else logits
+        """Choose each sequence's next token and take it in; a sequence that fails, alone, fails alone."""
+        try:
+            chosen = self._choose(seqs, logits)
+        except Exception:
+            chosen = []
+            for i, s in enumerate(seqs):  # one row's values broke the batch: find which, keep the others
+                try:
+                    chosen += self._choose([s], logits[i:i + 1])
+                except Exception as e:  # the point is to catch per row
+                    self._fail([s], e)
+                    chosen.append(None)
+        now = time.perf_counter()
+        for s, c in zip(seqs, chosen):
+            if c is None:
+                continue
+            if s.first_token_at is None:
+                s.first_token_at = now
+            try:
+                self._append(s, c[0], c[1], prompt_lp)
+            except Exception as e:  # noqa: BLE001 - detokenizing, stops, grammar: this sequence's own
+                self._fail([s], e)
+
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, tuple | None]]:
+        """Each sequence's next token and, when it asked for them, its log-probs (the chosen one's, the top k)."""
+        masked = logits
+        if any(s.matcher is not None for s in seqs):
+            # a grammar allows only the tokens that keep the output a valid prefix; log-probs stay the model's
+            masked = logits.float().clone()
+            for i, s in enumerate(seqs):
+                if s.matcher is not None:
+                    masked[i].masked_fill_(~self.grammars.allowed(s.matcher), float("-inf"))
         tokens = sample(masked, [s.params for s in seqs], [s.generator for s in seqs], [s.counts for s in seqs])
         want_lp = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         lps = {}
@@ -471,11 +531,15 @@ class Engine:
                     top = [(t, self.token_str(t), v) for t, v in
                            zip(tops.indices[j, :k].tolist(), tops.values[j, :k].tolist())]
                 lps[i] = (float(rows[j, tokens[i]]), top)
-        now = time.perf_counter()
-        for i, (s, tok) in enumerate(zip(seqs, tokens)):
-            if s.first_token_at is None:
-                s.first_token_at = now
-            self._append(s, tok, lps.get(i), prompt_lp)
+        return [(tok, lps.get(i)) for i, tok in enumerate(tokens)]
+
+    def _fail(self, seqs: list[Sequence], e: BaseException) -> None:
+        """End seqs with an error event that names their request, not the exception; the log keeps that."""
+        tags = sorted({s.tag or "-" for s in seqs})
+        log.error("glassforge serve: %d sequence(s) of request(s) %s failed", len(seqs), ", ".join(tags),
+                  exc_info=e)
+        for s in seqs:
+            self._finish(s, "abort", error=internal_error_message(s.tag))
 
     def _append(self, s: Sequence, tok: int, lp, prompt_lp) -> None:
         p = s.params

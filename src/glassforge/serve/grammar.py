@@ -6,6 +6,13 @@ tokenizer before any request runs); each sequence with one gets a matcher, and
 at each step the tokens that cannot continue a valid prefix are masked out of
 its logits before sampling; the sequence stops when the grammar is complete.
 
+Compiling a grammar and building its matcher can take a second each for a large schema (10,000 required
+properties: 0.8 s and 0.9 s); the server does both on its work threads (limits.py), never on the event
+loop or the engine thread, and the `n` choices of a request share one build (`matchers`: copies of one
+matcher). The engine thread only computes masks, a fraction of a millisecond a step: from llguidance's
+bitmask with numpy, not llguidance.torch, whose import and torch.compile'd kernel cost the engine
+thread 5 s on the first grammar.
+
 llguidance and transformers (for its tokenizer adapter) are imported only when
 a request asks for a grammar: a server that never sees one needs neither, and
 without them such a request is a clear error naming what to install.
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from glassforge.core.errors import UserError
@@ -57,23 +65,20 @@ class Grammars:
             raise UserError(f"invalid JSON schema: {error}")
         return grammar
 
-    def matcher(self, grammar: str):
-        """A fresh matcher for one sequence (its state advances with every token it consumes)."""
+    def matchers(self, grammar: str, n: int = 1) -> list:
+        """n fresh matchers for grammar, one per sequence (a matcher's state advances with every token it
+        consumes); the copies share the first one's build. UserError when the grammar cannot be used."""
         import llguidance
 
-        return llguidance.LLMatcher(self.tokenizer(), grammar, log_level=0)
+        first = llguidance.LLMatcher(self.tokenizer(), grammar, log_level=0)
+        if first.is_error():
+            raise UserError(f"invalid JSON schema: {first.get_error()}")
+        return [first] + [first.deep_copy() for _ in range(n - 1)]
 
-    def mask(self, logits: torch.Tensor, matchers: list) -> torch.Tensor:
-        """logits [B, V] with each row's disallowed tokens at -inf (rows whose matcher is None are unchanged)."""
-        import llguidance.torch as lt
-
-        logits = logits.float().clone()
-        for i, matcher in enumerate(matchers):
-            if matcher is not None:
-                bits = lt.allocate_token_bitmask(1, self.vocab_size)
-                lt.fill_next_token_bitmask(matcher, bits, 0)
-                lt.apply_token_bitmask_inplace(logits[i:i + 1], bits)
-        return logits
+    def allowed(self, matcher) -> torch.Tensor:
+        """[V] booleans: the tokens matcher allows next (its bitmask holds one bit per token, lowest first)."""
+        bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+        return torch.from_numpy(np.unpackbits(bits, bitorder="little")[:self.vocab_size].astype(bool))
 
 
 def consume(matcher, token: int) -> bool:

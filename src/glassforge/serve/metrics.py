@@ -5,6 +5,11 @@ a dependency, and the engine's own counters (`Engine.stats`) are read as they
 are at scrape time. Requests are labelled by route only for the routes named
 in ROUTE_LABELS; any other path counts as "other", so a client probing random
 paths cannot grow the number of series without bound.
+
+The process's resident memory, now and at its peak (`process_resident_memory_bytes`,
+as Prometheus's own clients name it, and `glassforge_resident_memory_peak_bytes`,
+Linux only) and the cache slots free show whether large or aborted requests leave
+anything behind: the soak test and docs/PERFORMANCE.md read them here.
 """
 
 from __future__ import annotations
@@ -20,6 +25,16 @@ ROUTE_LABELS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/em
 
 def route_label(path: str) -> str:
     return path if path in ROUTE_LABELS else "other"
+
+
+def resident_memory() -> tuple[int, int] | None:
+    """This process's resident memory and its peak, in bytes (from /proc; None where there is none)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 class Histogram:
@@ -96,6 +111,12 @@ class Metrics:
                 ("glassforge_rejected_total", "counter", "Sequences refused because the queue was full.",
                  s["rejected"]),
                 ("glassforge_cancelled_total", "counter", "Sequences cancelled by a client disconnect.",
-                 s["cancelled"])):
+                 s["cancelled"]),
+                ("glassforge_cache_slots_free", "gauge", "Cache slots no sequence holds.", len(engine.free_slots))):
             lines += _counter(name, kind, help_, value)
+        memory = resident_memory()
+        if memory is not None:
+            lines += _counter("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", memory[0])
+            lines += _counter("glassforge_resident_memory_peak_bytes", "gauge", "Peak resident memory in bytes.",
+                              memory[1])
         return "\n".join(lines) + "\n"

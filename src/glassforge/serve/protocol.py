@@ -14,6 +14,16 @@ Choices that clients depend on:
   `top_logprobs`, so lm-evaluation-harness's log-likelihood and greedy checks
   work; chat log-probs are the `content` list with bytes.
 
+- Every number has a range (an integer at most `MAX_INT`, the 32-bit bound
+  OpenAI's own schema uses, where nothing smaller is natural), so no value can
+  overflow the engine's tensors; `top_k` is checked against the vocabulary
+  where the vocabulary is known (serving.py). Lists a client could make huge
+  (messages, logit_bias) have a length bound; the text in them is bounded by
+  limits.py's limits.
+- Text must be valid Unicode: a lone surrogate (JSON's `"\\ud800"`, which
+  Python's JSON parser accepts) anywhere in a body is a 400 naming where it
+  is (`invalid_text`), checked once over the whole body before any field is.
+
 Extensions beyond OpenAI's parameters are marked so in their descriptions
 (they show in /openapi.json).
 """
@@ -22,7 +32,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from glassforge.serve.types import TokenLogprob
 
@@ -47,8 +58,46 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 
 # --- request bodies ----------------------------------------------------------------------
 
+MAX_INT = 2**31 - 1
+MAX_MESSAGES = 2048
+MAX_LOGIT_BIAS = 1024
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def invalid_text_at(value: Any) -> str | None:
+    """Where in a parsed JSON body a string is not valid Unicode (a lone surrogate), as a dotted path
+    ("messages.0.content"); None when every string is valid. Iterative: a body may nest deeply."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path
+        elif isinstance(item, dict):
+            for k, v in item.items():  # a bad key is reported at its dict: the path must be valid text itself
+                stack += [(v, f"{path}.{k}" if path else str(k)), (k, path)]  # the key is looked at first
+        elif isinstance(item, list):
+            stack += [(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(item)]
+    return None
+
+
+class Body(Strict):
+    """A request body: its text is checked for invalid Unicode before its fields are validated."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        where = invalid_text_at(data)
+        if where is not None:
+            raise PydanticCustomError("invalid_text", "'{param}' is not valid Unicode text (it holds a lone "
+                                      "surrogate, such as \\ud800)", {"param": where or "body"})
+        return data
 
 
 class StreamOptions(Strict):
@@ -64,17 +113,19 @@ Prompt = Union[str, list[str], list[int], list[list[int]]]
 Stop = Union[str, list[str], None]
 
 
-class SamplingFields(Strict):
+class SamplingFields(Body):
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, description="extension: sample from the k most likely tokens (0 or -1: all)")
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT,
+                              description="extension: sample from the k most likely tokens (0 or -1: all; at most "
+                                          "the vocabulary)")
     n: int | None = Field(1, ge=1, le=16)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: Stop = Field(None, description="a string or a list of strings, excluded from the output")
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -89,7 +140,7 @@ class SamplingFields(Strict):
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_INT)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
     best_of: int | None = Field(None, ge=1, le=16)
@@ -107,36 +158,36 @@ class ChatMessage(Strict):
 
 
 class ChatRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
 
 
-class EmbeddingRequest(Strict):
+class EmbeddingRequest(Body):
     input: Prompt
     model: str | None = None
     encoding_format: Literal["float", "base64"] | None = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: int | None = Field(None, ge=1, le=MAX_INT)
     user: str | None = None
 
 
-class TokenizeRequest(Strict):
+class TokenizeRequest(Body):
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, max_length=MAX_MESSAGES)
     add_special_tokens: bool | None = False
     add_generation_prompt: bool | None = True
     model: str | None = None
 
 
-class DetokenizeRequest(Strict):
+class DetokenizeRequest(Body):
     tokens: list[int]
     model: str | None = None
 
 
-class TraceRequest(Strict):
+class TraceRequest(Body):
     text: str
     min_tokens: int | None = Field(8, ge=1, le=4096)
     max_docs: int | None = Field(5, ge=1, le=100)

@@ -28,6 +28,13 @@ and does for every route what must be done once and alike:
   speed, the engine thread waiting on the GIL meanwhile (docs/PERFORMANCE.md).
 - A client that disconnects cancels its sequences, so its cache slot is free
   before the next decode step. A full queue is a 429 with `Retry-After`.
+- **Bounded work, off the event loop.** The routes check a request's sizes
+  against `Limits` before any work (`Server.check_text`, `check_count`,
+  `stop_list`: a 400 naming the field, the limit and its flag), then
+  tokenize long text, trace and build grammar matchers on `Work`'s threads
+  (limits.py), so the event loop keeps answering `/health` and other clients.
+  An error in a sequence names the request's id (the Guard's, guard.py),
+  never the exception, which goes to the log.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import logging
 import math
 import os
 import threading
@@ -42,15 +50,16 @@ import time
 from typing import Any, AsyncIterator, Protocol
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from glassforge.core.errors import UserError
 from glassforge.core.runfolder import Release
 from glassforge.release.trace import Tracer
 from glassforge.serve.engine import Engine, Sequence
+from glassforge.serve.limits import FLAGS, Limits, Work
 from glassforge.serve.metrics import Metrics
 from glassforge.serve.protocol import APIError, ChatMessage, Prompt, SamplingFields, Stop, error_body
-from glassforge.serve.types import ContextTooLong, Event, QueueFull, SamplingParams
+from glassforge.serve.types import ContextTooLong, Event, QueueFull, SamplingParams, internal_error_message
 from glassforge.tokenizer.bpe import render_chat
 
 # a stream's events reach the event loop at most this often (its first and last at once): below what a
@@ -59,6 +68,7 @@ STREAM_INTERVAL_MS = 10.0
 MAX_SEQUENCES_PER_REQUEST = 64
 NO_TRACE_INDEX = "this release has no trace index (no release/trace/ folder)"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+log = logging.getLogger("glassforge.serve")
 
 
 def stream_interval_seconds(ms: float | None) -> float:
@@ -79,17 +89,36 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def json_answer(body: dict) -> JSONResponse:
+    """A whole JSON answer, serialised by json.dumps (in C). A dict returned from a route goes through FastAPI's
+    jsonable_encoder, which walks every value in Python on the event loop: 125 ms for the 110,000 ids of one
+    /tokenize at the text limit (json.dumps: 17 ms), while /health waited."""
+    return JSONResponse(body)
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def stop_list(stop: Stop) -> list[str]:
+def too_long(param: str, got: int, limits: Limits, name: str, what: str) -> APIError:
+    """The 400 for a field over one of `Limits`: OpenAI's wording and codes, plus the flag that sets it."""
+    limit = getattr(limits, name)
+    kind, code = ("string", "string_above_max_length") if what == "characters" else ("array", "array_above_max_length")
+    return APIError(400, f"Invalid '{param}': {kind} too long. Expected at most {limit} {what}, but got {got} "
+                         f"(this server's limit: glassforge serve {FLAGS[name]}).", param=param, code=code)
+
+
+def stop_list(stop: Stop, limits: Limits) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else list(stop)
-    if len(stops) > 64:
-        raise APIError(400, "at most 64 stop sequences are supported", param="stop")
+    if len(stops) > limits.max_stop_strings:
+        raise too_long("stop", len(stops), limits, "max_stop_strings", "stop strings")
+    for i, s in enumerate(stops):
+        if len(s) > limits.max_stop_chars:
+            raise too_long("stop" if isinstance(stop, str) else f"stop.{i}", len(s), limits, "max_stop_chars",
+                           "characters")
     return [s for s in stops if s]
 
 
@@ -102,6 +131,11 @@ def prompt_list(prompt: Prompt, param: str) -> list[str | list[int]]:
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return list(prompt)
+
+
+def message_texts(messages: list[ChatMessage]) -> list[str]:
+    """The text of each message's content (what the limit on text counts)."""
+    return [m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or []) for m in messages]
 
 
 def render_messages(engine: Engine, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
@@ -217,9 +251,11 @@ class Server:
     """State shared by the routes: the engine, its name, the metrics, the tracer."""
 
     def __init__(self, engine: Engine, model_name: str, stream_interval: float = 0.0,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, limits: Limits | None = None):
         self.engine = engine
         self.model_name = model_name
+        self.limits = limits or Limits()
+        self.work = Work(self.limits.work_threads)
         self.stream_interval = stream_interval  # seconds: streamed events reach the event loop at most this often
         self.metrics = metrics or Metrics()
         self.created = int(time.time())
@@ -253,8 +289,23 @@ class Server:
                                    code="trace_unavailable") from None
         return self._tracer
 
-    async def trace_text(self, text: str) -> dict:
-        return await asyncio.to_thread(self.tracer("trace").trace, text)
+    async def trace_text(self, text: str, min_tokens: int = 8, max_docs: int = 5, param: str | None = "trace") -> dict:
+        tracer = self.tracer(param)
+        return await self.work.run(lambda: tracer.trace(text, min_tokens, max_docs))
+
+    async def encode(self, text: str) -> list[int]:
+        """Token ids of text, off the event loop when it is long (its size was checked by the route)."""
+        return await self.work.run(lambda: self.engine.encode(text), len(text))
+
+    def check_text(self, param: str, texts: list[str], name: str = "max_text_chars") -> int:
+        """The characters of a request's texts (returned), checked against a limit before they are tokenized."""
+        n = sum(len(t) for t in texts)
+        self.check_count(param, n, name, "characters")
+        return n
+
+    def check_count(self, param: str, n: int, name: str, what: str) -> None:
+        if n > getattr(self.limits, name):
+            raise too_long(param, n, self.limits, name, what)
 
     def params(self, req: SamplingFields, max_tokens: int, logprobs: int | None,
                prompt_logprobs: int | None = None) -> SamplingParams:
@@ -269,13 +320,16 @@ class Server:
             if not -100 <= v <= 100:
                 raise APIError(400, f"logit_bias value {v} is outside -100..100", param="logit_bias")
             bias[tid] = float(v)
+        if req.top_k is not None and req.top_k > self.engine.vocab_size:
+            raise APIError(400, f"Invalid 'top_k': {req.top_k} is more than the {self.engine.vocab_size} tokens of "
+                                f"the vocabulary (0 or -1: all of them)", param="top_k", code="invalid_value")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=max(req.top_k or 0, 0),
             seed=req.seed,
-            stop=stop_list(req.stop),
+            stop=stop_list(req.stop, self.limits),
             ignore_eos=bool(req.ignore_eos),
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
@@ -284,24 +338,32 @@ class Server:
             prompt_logprobs=prompt_logprobs,
         )
 
-    def submit(self, requests: list[tuple[int, list[int], SamplingParams]]) -> tuple[Delivery, list[Sequence]]:
-        """Queue the sequences of one request (its route has passed them through check_prompt); their events
-        come through the returned Delivery."""
+    async def submit(self, request: Request, requests: list[tuple[int, list[int], SamplingParams]]
+                     ) -> tuple[Delivery, list[Sequence]]:
+        """Queue the sequences of one request (its route has passed them through check_prompt), their grammar
+        matchers built on the work threads; their events come through the returned Delivery."""
+        matchers = None
+        grammar = requests[0][2].grammar
+        if grammar is not None:  # the route's choices share one params, so one grammar
+            try:
+                matchers = await self.work.run(lambda: self.engine.grammars.matchers(grammar, len(requests)))
+            except UserError as e:
+                raise APIError(400, f"response_format: {e}", param="response_format") from None
         delivery = Delivery(asyncio.get_running_loop(), self.stream_interval)
         try:
-            seqs = self.engine.submit(requests, delivery.sink)
+            seqs = self.engine.submit(requests, delivery.sink, matchers, request_id(request))
         except QueueFull as e:
             raise APIError(429, f"The server is busy ({e}); retry shortly.", "rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         return delivery, seqs
 
     async def answer(self, request: Request, req: SamplingFields, requests: list, base: dict,
-                     prompt_tokens: int, choices: Choices) -> dict | StreamingResponse:
+                     prompt_tokens: int, choices: Choices) -> JSONResponse | StreamingResponse:
         """Run a request's sequences: a stream when it asked for one, else the whole answer."""
-        delivery, seqs = self.submit(requests)
+        delivery, seqs = await self.submit(request, requests)
         if req.stream:
             return self.stream({**base, "object": choices.chunk_object}, choices, req.include_usage,
-                               prompt_tokens, bool(req.trace), delivery, seqs, len(requests))
+                               prompt_tokens, bool(req.trace), delivery, seqs, len(requests), request_id(request))
         merged = await self.collect(request, delivery, seqs, len(requests))
         self.metrics.observe_ttft(seqs)
         out = []
@@ -311,7 +373,8 @@ class Server:
                 choice["trace"] = await self.trace_text(merged[i].text)
             out.append(choice)
         completion_tokens = sum(ev.completion_tokens for ev in merged.values())
-        return {**base, "object": choices.object, "choices": out, "usage": usage(prompt_tokens, completion_tokens)}
+        return json_answer({**base, "object": choices.object, "choices": out,
+                            "usage": usage(prompt_tokens, completion_tokens)})
 
     async def collect(self, request: Request, delivery: Delivery, seqs: list[Sequence],
                       count: int) -> dict[int, Event]:
@@ -341,7 +404,7 @@ class Server:
 
     def stream(self, base: dict, choices: Choices, include_usage: bool, prompt_tokens: int, trace: bool,
                delivery: Delivery | None = None, seqs: list[Sequence] | None = None,
-               count: int = 0) -> StreamingResponse:
+               count: int = 0, rid: str = "") -> StreamingResponse:
         """The one server-sent-events stream: choices.opening(), then count sequences' events, usage, [DONE]."""
         extra = {"usage": None} if include_usage else {}
         seqs = seqs or []
@@ -373,12 +436,18 @@ class Server:
                 yield "data: [DONE]\n\n"
             except APIError as e:  # the stream has started: report in band
                 yield sse(e.body())
-            except Exception as e:  # noqa: BLE001 - likewise, without the details
-                yield sse(error_body(f"internal error: {type(e).__name__}", "server_error"))
+            except Exception:  # likewise, the details only in the log
+                log.exception("glassforge serve: request %s failed mid-stream", rid or "-")
+                yield sse(error_body(internal_error_message(rid), "server_error", code="internal_error"))
             finally:
                 self.engine.cancel(seqs)
 
         return StreamingResponse(chunks(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def request_id(request: Request) -> str:
+    """The id the Guard gave this request (guard.py): in its error messages, its X-Request-Id and the log."""
+    return getattr(request.state, "request_id", "")
 
 
 def server_of(request: Request) -> Server:

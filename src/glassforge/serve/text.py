@@ -11,28 +11,66 @@ stop ever leaks into a stream.
 
 from __future__ import annotations
 
+import functools
+
 from tokenizers import Tokenizer
 
 
-def find_stop(text: str, new_from: int, stops: list[str]) -> int | None:
-    """Earliest index where a stop string occurs, looking only where new text could complete one."""
-    best = None
-    for stop in stops:
-        i = text.find(stop, max(0, new_from - len(stop) + 1))
-        if i >= 0 and (best is None or i < best):
-            best = i
-    return best
+@functools.lru_cache(maxsize=256)
+def _borders(stop: str) -> tuple[int, ...]:
+    """Knuth-Morris-Pratt's table: for each prefix stop[:i+1], the length of its longest proper border (a
+    prefix of it that is also its suffix). Cached: a client sends the same stops request after request."""
+    table = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = table[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        table[i] = k
+    return tuple(table)
 
 
-def holdback(text: str, stops: list[str]) -> int:
-    """Characters at the end of text that could begin a stop string."""
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:k]):
-                hold = k
-                break
-    return hold
+class StopScanner:
+    """Stop strings found in text as it grows, and how much of its end could still begin one.
+
+    One Knuth-Morris-Pratt automaton per stop string, advanced over each new character once: its state
+    is the longest prefix of the stop that ends the text so far, which is at once the text to hold back
+    and, at the stop's full length, a match. So the work per token is linear in the new text, whatever
+    the stops' length; checking every prefix of every stop at every token was quadratic in the stop
+    length (64 stops of 120 KB: 7.7 s for a request of 0.29 s).
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.tables = [_borders(s) for s in self.stops]
+        self.states = [0] * len(self.stops)
+
+    def feed(self, text: str, start: int) -> int | None:
+        """Take in text[start:] (the text before it was fed already); the earliest index at which a stop
+        string begins that the new text completes, or None."""
+        best = None
+        new = text[start:]
+        for j, (stop, table) in enumerate(zip(self.stops, self.tables)):
+            k = self.states[j]
+            if k == 0 and stop[0] not in new:  # the usual case: nothing of this stop begins here
+                continue
+            for pos in range(start, len(text)):
+                ch = text[pos]
+                while k and stop[k] != ch:
+                    k = table[k - 1]
+                if stop[k] == ch:
+                    k += 1
+                if k == len(stop):
+                    begin = pos - k + 1
+                    best = begin if best is None else min(best, begin)
+                    break
+            self.states[j] = k
+        return best
+
+    def holdback(self) -> int:
+        """Characters at the end of the text fed so far that could begin a stop string."""
+        return max(self.states, default=0)
 
 
 class OutputText:
@@ -40,7 +78,7 @@ class OutputText:
 
     def __init__(self, tokenizer: Tokenizer, stops: list[str]):
         self.tokenizer = tokenizer
-        self.stops = stops
+        self.stops = StopScanner(stops)
         self.text = ""  # decoded output so far (cut at a stop string once one is found)
         self.sent = 0  # characters of text already released
         self.prefix_offset = 0  # the re-decoded window: ids[prefix_offset:] ...
@@ -55,7 +93,7 @@ class OutputText:
         self.prefix_offset, self.read_offset = self.read_offset, len(ids)
         before = len(self.text)
         self.text += full[len(prefix):]
-        cut = find_stop(self.text, before, self.stops) if self.stops else None
+        cut = self.stops.feed(self.text, before)
         if cut is not None:
             self.text = self.text[:cut]
             return True
@@ -70,7 +108,7 @@ class OutputText:
 
     def releasable(self) -> str:
         """The text not yet released that cannot be the start of a stop string; it counts as released."""
-        upto = len(self.text) - holdback(self.text, self.stops) if self.stops else len(self.text)
+        upto = len(self.text) - self.stops.holdback()
         out = self.text[self.sent:upto]
         self.sent = max(self.sent, upto)
         return out

@@ -25,6 +25,12 @@ from glassforge.core.errors import UserError
 from glassforge.model.sampling import Sampling
 
 
+def internal_error_message(request_id: str) -> str:
+    """What a client is told of a failure on the server's side: its request's id, never the exception (which
+    goes to the server's log under that id)."""
+    return f"internal server error (request id {request_id or '-'}); the server's log has the details"
+
+
 class QueueFull(Exception):
     """The waiting queue has no room: the caller should retry later."""
 

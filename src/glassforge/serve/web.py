@@ -48,7 +48,8 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: The files under /static/, with their media types; nothing else is served from there.
 STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8",
                 "index.html": "text/html; charset=utf-8"}
-#: Content-Security-Policy of the page: only this server's own script, styles and data: images.
+#: Content-Security-Policy of the page: only this server's own script, styles and data: images. The server's
+#: Guard (guard.py) sends it with every HTML answer, /static/index.html as much as /.
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 #: The longest text file we read to show (recipe.toml: generated and small; this bounds a hostile one).
@@ -230,13 +231,11 @@ def mount(app, release_dir: Path | str, facts: dict | None = None, verify: bool 
     served.update(facts or {})
     served.setdefault("auth_required", False)
     app.state.web_facts = served
-    page_headers = {"Cache-Control": "no-cache", "Content-Security-Policy": CSP,
-                    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
     index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(index_html, headers=page_headers)
+        return HTMLResponse(index_html, headers={"Cache-Control": "no-cache"})
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:

@@ -13,7 +13,12 @@ chat is only how an event becomes a choice (`CompletionChoices`,
   (grammar.py): the reply ends when the JSON is complete. Without llguidance
   installed it is a 400 naming the parameter.
 - Embeddings are the mean of the final hidden states, L2-normalised, as floats
-  or base64 little-endian float32.
+  or base64 little-endian float32. A batch runs on the engine thread in
+  pieces of about `EMBED_TOKENS_PER_CALL` tokens, so decode steps for other
+  clients go on between them (5,000 inputs at once held a chat for 12 s).
+
+Every size a request may ask for is checked before its text is tokenized
+(serving.py's `Server.check_text`, `stop_list`; limits.py's `Limits`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
 from glassforge.core.errors import UserError
 from glassforge.serve.protocol import (
@@ -35,10 +41,20 @@ from glassforge.serve.protocol import (
     chat_logprobs,
     legacy_logprobs,
 )
-from glassforge.serve.serving import MAX_SEQUENCES_PER_REQUEST, Server, prompt_list, render_messages, server_of, usage
+from glassforge.serve.serving import (
+    MAX_SEQUENCES_PER_REQUEST,
+    Server,
+    json_answer,
+    message_texts,
+    prompt_list,
+    render_messages,
+    server_of,
+    usage,
+)
 from glassforge.serve.types import Event
 
 router = APIRouter()
+EMBED_TOKENS_PER_CALL = 1024  # tokens of one embeddings batch the engine thread runs between decode steps
 
 
 # --- models --------------------------------------------------------------------------------
@@ -113,17 +129,18 @@ async def completions(req: CompletionRequest, request: Request, server: Server =
     prompts = prompt_list(req.prompt, "prompt")
     if len(prompts) * n > MAX_SEQUENCES_PER_REQUEST:
         raise APIError(400, f"at most {MAX_SEQUENCES_PER_REQUEST} prompts x n per request", param="n")
+    server.check_text("prompt", [p for p in prompts if isinstance(p, str)])
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
-    texts, id_lists = [], []
-    for p in prompts:
-        ids = engine.encode(p) if isinstance(p, str) else list(p)
-        server.check_prompt(ids, max_tokens, "prompt")  # before decoding ids: they must be in the vocabulary
-        texts.append(p if isinstance(p, str) else engine.decode(ids))
-        id_lists.append(ids)
     prompt_k = req.logprobs if req.echo and req.logprobs is not None else None
     params = server.params(req, max_tokens, req.logprobs, prompt_k)
     if req.trace:
         server.tracer(param="trace")
+    texts, id_lists = [], []
+    for p in prompts:
+        ids = await server.encode(p) if isinstance(p, str) else list(p)
+        server.check_prompt(ids, max_tokens, "prompt")  # before decoding ids: they must be in the vocabulary
+        texts.append(p if isinstance(p, str) else engine.decode(ids))
+        id_lists.append(ids)
     base = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": server.model_name}
     prompt_tokens = sum(len(ids) for ids in id_lists)  # each prompt counted once, whatever n
 
@@ -137,7 +154,7 @@ async def completions(req: CompletionRequest, request: Request, server: Server =
         if req.stream:
             return server.stream({**base, "object": choices.chunk_object}, choices, req.include_usage,
                                  prompt_tokens, trace=False)
-        return {**base, "object": choices.object, "choices": out, "usage": usage(prompt_tokens, 0)}
+        return json_answer({**base, "object": choices.object, "choices": out, "usage": usage(prompt_tokens, 0)})
 
     requests = [(pi * n + j, ids, params) for pi, ids in enumerate(id_lists) for j in range(n)]
     return await server.answer(request, req, requests, base, prompt_tokens,
@@ -184,7 +201,7 @@ async def response_grammar(server: Server, req: ChatRequest) -> str | None:
             raise APIError(400, "response_format json_schema needs {'name': ..., 'schema': {...}}",
                            param="response_format")
     try:
-        return await asyncio.to_thread(server.engine.grammars.json_grammar, schema)
+        return await server.work.run(lambda: server.engine.grammars.json_grammar(schema))
     except UserError as e:
         raise APIError(400, f"response_format: {e}", param="response_format") from None
 
@@ -193,18 +210,19 @@ async def response_grammar(server: Server, req: ChatRequest) -> str | None:
 async def chat_completions(req: ChatRequest, request: Request, server: Server = Depends(server_of)):
     server.check_model(req.model)
     engine = server.engine
-    grammar = await response_grammar(server, req)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     n = req.n or 1
-    ids = engine.encode(render_messages(engine, req.messages, True))
+    server.check_text("messages", message_texts(req.messages))
     limit = req.max_completion_tokens or req.max_tokens
-    max_tokens = limit if limit is not None else max(engine.max_context - len(ids), 1)
-    params = server.params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-    params.grammar = grammar
+    # every field is checked before the text is tokenized; max_tokens is known only after, without a limit
+    params = server.params(req, limit or 1, (req.top_logprobs or 0) if req.logprobs else None)
     if req.trace:
         server.tracer(param="trace")
-    server.check_prompt(ids, max_tokens, "messages")
+    params.grammar = await response_grammar(server, req)
+    ids = await server.encode(render_messages(engine, req.messages, True))
+    params.max_tokens = limit if limit is not None else max(engine.max_context - len(ids), 1)
+    server.check_prompt(ids, params.max_tokens, "messages")
     base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": server.model_name,
             "system_fingerprint": None}
     return await server.answer(request, req, [(j, ids, params) for j in range(n)], base, len(ids),
@@ -214,7 +232,7 @@ async def chat_completions(req: ChatRequest, request: Request, server: Server = 
 # --- embeddings ----------------------------------------------------------------------------
 
 @router.post("/v1/embeddings")
-async def embeddings(req: EmbeddingRequest, server: Server = Depends(server_of)) -> dict:
+async def embeddings(req: EmbeddingRequest, server: Server = Depends(server_of)) -> JSONResponse:
     import numpy as np
 
     server.check_model(req.model)
@@ -222,12 +240,26 @@ async def embeddings(req: EmbeddingRequest, server: Server = Depends(server_of))
     if req.dimensions is not None and req.dimensions != engine.cfg.d_model:
         raise APIError(400, f"'dimensions' must be {engine.cfg.d_model} for this model (no truncation)",
                        param="dimensions")
+    items = prompt_list(req.input, "input")
+    server.check_count("input", len(items), "max_embedding_inputs", "inputs")
+    texts = [item for item in items if isinstance(item, str)]
+    size = server.check_text("input", texts)
+    encoded = iter(await server.work.run(lambda: [engine.encode(t) for t in texts], size))
     batch = []
-    for item in prompt_list(req.input, "input"):
-        ids = engine.encode(item) if isinstance(item, str) else list(item)
+    for item in items:
+        ids = next(encoded) if isinstance(item, str) else list(item)
         server.check_prompt(ids, 0, "input")
         batch.append(ids)
-    vectors = await asyncio.wrap_future(engine.call(lambda: engine.embed(batch)))
+    vectors: list = []
+    start = 0
+    while start < len(batch):  # in pieces, each a job of its own: decode steps run between them
+        end, tokens = start, 0
+        while end < len(batch) and (end == start or tokens + len(batch[end]) <= EMBED_TOKENS_PER_CALL):
+            tokens += len(batch[end])
+            end += 1
+        piece = batch[start:end]
+        vectors += await asyncio.wrap_future(engine.call(lambda piece=piece: engine.embed(piece)))
+        start = end
     data = []
     for i, vec in enumerate(vectors):
         emb: Any = vec
@@ -235,5 +267,5 @@ async def embeddings(req: EmbeddingRequest, server: Server = Depends(server_of))
             emb = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
         data.append({"object": "embedding", "index": i, "embedding": emb})
     n_tokens = sum(len(b) for b in batch)
-    return {"object": "list", "data": data, "model": server.model_name,
-            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+    return json_answer({"object": "list", "data": data, "model": server.model_name,
+                        "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
