@@ -18,7 +18,7 @@ def test_build_writes_the_run_folder_contract(tiny_run):
                 "release/README.md", "release/manifest.json"]:
         assert (tiny_run / rel).is_file(), rel
     state = json.loads((tiny_run / "state.json").read_text())
-    assert list(state) == ["data", "tokenizer", "shards", "pretrain", "sft", "eval", "release"]
+    assert list(state) == ["data", "tokenizer", "shards", "pretrain", "sft", "rl", "eval", "release"]
     metrics = [json.loads(l) for l in (tiny_run / "pretrain/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 61))
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 1.0  # it learned something
@@ -37,7 +37,7 @@ def test_rebuild_trains_nothing(tiny_run):
     out = subprocess.run([sys.executable, "-m", "glassforge", "build", "--recipe", "tiny", "--out", str(tiny_run)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("up to date, skipped") == 7
+    assert out.stdout.count("up to date, skipped") == 8
     assert ": done in" not in out.stdout  # no stage ran
     assert {p: p.stat().st_mtime_ns for p in sorted((tiny_run / "pretrain/checkpoints").iterdir())} == before
 

@@ -86,7 +86,7 @@ def test_report_of_a_real_run_and_its_release(tiny_run, tmp_path):
     html = render_report(tiny_run)
     for needle in ("Evaluation", "validation loss", "Data Merkle root".lower(), "claims pass", "Document lengths"):
         assert needle in html or needle in html.lower(), needle
-    assert html.count("<img ") == 7  # six training plots and the data card's length histogram
+    assert html.count("<img ") == 10  # three plots for each of three training stages, the length histogram
     # A release on its own (copied out of its run) still reports its training log and attestation.
     release = tmp_path / "release-copy"
     shutil.copytree(tiny_run / "release", release)

@@ -60,3 +60,39 @@ def test_pystdlib_qa_is_grounded_and_holds_out_whole_modules():
         assert c.messages[-1]["content"].startswith("Signature: os.path.join(a, *p)\n\nJoin two or more pathname components")
         assert c.provenance["document"] == "pystdlib:posixpath.join"
     assert all(len(c.provenance["sha256"]) == 64 for c in train)
+
+
+def test_pretraining_rows_are_mixed_in_at_their_share_with_every_token_a_target():
+    import types
+
+    import numpy as np
+
+    from glassforge.train.order import Windows
+    from glassforge.train.sft import WithPretraining
+
+    class FakeConversations:
+        def __init__(self, n, seq_len):
+            self.x = np.arange(n * seq_len, dtype=np.int64).reshape(n, seq_len) + 10_000
+            self.y = np.full((n, seq_len), -100, dtype=np.int64)
+            self.y[:, -2:] = 7  # two assistant tokens a row
+            self.bytes_per_token, self.target_tokens = 3.0, 2 * n
+
+        def __len__(self):
+            return len(self.x)
+
+        def batch(self, idx):
+            import torch
+
+            return torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
+
+    stream = types.SimpleNamespace(tokens=np.arange(1001, dtype=np.uint16), bytes_per_token=4.0)
+    convs = FakeConversations(30, 8)
+    mixed = WithPretraining(convs, Windows(stream, 8), share=0.25)
+    assert len(mixed.picked) == 10 and len(mixed) == 40  # 10 of 40 rows: a quarter
+    assert list(mixed.picked) == list(range(0, 120, 12))  # spread evenly over the 125 windows
+    assert mixed.target_tokens == 2 * 30 + 10 * 8
+    x, y = mixed.batch([0, 30, 39])
+    assert x[0].tolist() == convs.x[0].tolist() and y[0].tolist() == convs.y[0].tolist()
+    assert x[1].tolist() == list(range(0, 8)) and y[1].tolist() == list(range(1, 9))  # window 0, shifted
+    assert x[2].tolist() == list(range(108 * 8, 109 * 8))
+    assert mixed.target_count([0, 1, 30, 31]) == 2 + 2 + 8 + 8

@@ -81,6 +81,25 @@ def cmd_release(args) -> int:
     return 0
 
 
+def cmd_sign(args) -> int:
+    from glassforge.release.verify import sign_command
+
+    print(json.dumps(sign_command(Path(args.release), Path(args.key)), indent=2))
+    return 0
+
+
+def cmd_prove(args) -> int:
+    from glassforge.release.proofs import prove_command
+
+    return prove_command(Path(args.release), args.doc, Path(args.out) if args.out else None)
+
+
+def cmd_verify_proof(args) -> int:
+    from glassforge.release.proofs import verify_proof_command
+
+    return verify_proof_command(args.proof, Path(args.release) if args.release else None, args.root, args.text)
+
+
 def cmd_export(args) -> int:
     from glassforge.release.export import export_gguf
 
@@ -106,11 +125,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from glassforge.serve.app import serve
+    from glassforge.serve.limits import FLAGS, Limits
 
+    limits = Limits(**{name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None})
+    from glassforge.serve.app import serve  # after the limits: a bad one fails before torch is imported
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GLASSFORGE_API_KEY"),
           max_batch=args.max_batch, max_context=args.max_context, banner=args.banner,
-          decode_weights=args.decode_weights, stream_interval_ms=args.stream_interval_ms)
+          decode_weights=args.decode_weights, stream_interval_ms=args.stream_interval_ms, limits=limits,
+          allowed_hosts=args.allowed_host)
     return 0
 
 
@@ -174,6 +196,8 @@ def make_parser() -> argparse.ArgumentParser:
                         ("shards", "tokenize the documents into memory-mapped shards"),
                         ("pretrain", "pretrain the base model (resumes; torchrun for several processes)"),
                         ("sft", "fine-tune the base model on conversations"),
+                        ("rl", "reinforcement learning from the fine-tuned model, rewards checked against the "
+                               "training documents (the recipe's [rl] section)"),
                         ]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("run")
@@ -187,8 +211,30 @@ def make_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("release", help="assemble release/: weights, config, tokenizer, cards, manifest, attestation")
     r.add_argument("run")
-    r.add_argument("--sign-key", help="an ed25519 private key (PEM) to sign the attestation with")
+    r.add_argument("--sign-key", metavar="KEY", help="an ECDSA P-256 private key (PEM) to sign the release with "
+                                                     "(OpenSSF Model Signing: model.sig over every file)")
     r.set_defaults(func=cmd_release)
+
+    sg = sub.add_parser("sign", help="sign a finished release with OpenSSF Model Signing (model.sig over every file)")
+    sg.add_argument("release", help="a release folder or its run folder")
+    sg.add_argument("--key", required=True, help="an ECDSA P-256 private key (PEM); make one with: openssl genpkey "
+                                                 "-algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out key.pem")
+    sg.set_defaults(func=cmd_sign)
+
+    pr = sub.add_parser("prove", help="an RFC 9162 inclusion proof that a document is in the attested training data")
+    pr.add_argument("release", help="a release folder or its run folder")
+    pr.add_argument("--doc", required=True, help="the document id (a row of data/documents.parquet)")
+    pr.add_argument("--out", help="write the proof (JSON) to this file instead of printing it")
+    pr.set_defaults(func=cmd_prove)
+
+    vp = sub.add_parser("verify-proof", help="check an inclusion proof offline (PASS/FAIL per claim)")
+    vp.add_argument("proof", help="the proof file glassforge prove wrote, or - for stdin")
+    against = vp.add_mutually_exclusive_group(required=True)
+    against.add_argument("--release", help="check against this release's attested roots and its data pack's text")
+    against.add_argument("--root", help="check against this Merkle root (hex) that you trust; needs --text")
+    vp.add_argument("--text", help="the document's text, byte for byte (a file, or - for stdin); with --release, "
+                                   "instead of the data pack's")
+    vp.set_defaults(func=cmd_verify_proof)
 
     x = sub.add_parser("export", help="export a release to another format (GGUF for llama.cpp)")
     x.add_argument("release", help="a release folder or its run folder")
@@ -211,7 +257,8 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, help="the seed --replay sample draws with (default: a fresh one, printed)")
     v.add_argument("--threads", type=int, help="replay with this many threads instead of the recorded count "
                                                "(the bits then differ: a tolerance verdict)")
-    v.add_argument("--public-key", help="the ed25519 public key (PEM) the attestation must be signed with")
+    v.add_argument("--public-key", help="the ECDSA public key (PEM) the release must be signed with (default: check "
+                                        "with the key it ships, which shows it is whole but not who signed it)")
     v.set_defaults(func=cmd_verify)
 
     g = sub.add_parser("generate", help="continue a prompt with the model")
@@ -236,6 +283,14 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--stream-interval-ms", type=float,
                    help="send a stream's tokens at most this often, its first and last at once (default: 10, "
                         "or $GLASSFORGE_STREAM_INTERVAL_MS; 0: after every decode step)")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host is NAME (repeatable; '*': any). Loopback names, IP "
+                        "addresses and the --host name always are; any other Host gets 403 (DNS rebinding)")
+    from glassforge.serve.limits import FLAGS, HELP, Limits  # no heavy imports: --help stays fast
+
+    for name, flag in FLAGS.items():
+        default = getattr(Limits, name)
+        s.add_argument(flag, dest=name, type=type(default), metavar="N", help=f"{HELP[name]} (default: {default})")
     s.add_argument("--banner", action="store_true", help="print how to talk to the server")
     s.set_defaults(func=cmd_serve)
 

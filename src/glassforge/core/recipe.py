@@ -173,13 +173,36 @@ class TrainConfig:
 class SFTConfig(TrainConfig):
     enabled: bool = True
     conversations: list[str] = field(default_factory=lambda: ["pystdlib-qa"])
+    pretrain_mix: float = 0.0  # share of each batch's rows that are pretraining text (keeps plain-text skill)
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """Reinforcement learning with verifiable rewards (train/rl.py). A step takes prompts_per_step prompts,
+    samples `group` completions of each, and trains on them; seq_len bounds prompt plus completion, and
+    batch_tokens is prompts_per_step x seq_len (derived, whatever is written)."""
+
+    enabled: bool = False
+    prompts: list[str] = field(default_factory=lambda: ["pystdlib-names"])  # built-in sets or .jsonl files
+    prompts_per_step: int = 16
+    group: int = 8  # completions sampled per prompt; the group's mean reward is the baseline
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    kl: float = 0.0  # weight of the per-token KL penalty towards the fine-tuned model (0: none)
+
+    def __post_init__(self):
+        if self.prompts_per_step < 1 or self.group < 2:
+            raise ValueError(f"rl.prompts_per_step must be >= 1 and rl.group >= 2 (a group's mean is its "
+                             f"baseline); got {self.prompts_per_step}, {self.group}")
+        self.batch_tokens = self.prompts_per_step * self.seq_len
 
 
 @dataclass
 class EvalConfig:
     enabled: bool = True
-    tasks: list[str] = field(default_factory=lambda: ["val-loss", "pystdlib-docmatch"])
+    tasks: list[str] = field(default_factory=lambda: ["val-loss", "pystdlib-docmatch", "pystdlib-names"])
     limit: int = 200  # items per task, to keep evaluation short
+    names_limit: int = 500  # functions per set of pystdlib-names (training modules, held-out modules)
 
 
 @dataclass
@@ -193,6 +216,8 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=200, lr=1e-3))
+    rl: RLConfig = field(default_factory=lambda: RLConfig(steps=60, lr=3e-4, seq_len=128, micro_batch=4,
+                                                          warmup_steps=5, eval_every=10**9, checkpoint_every=20))
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):

@@ -8,11 +8,13 @@ docs/ARCHITECTURE.md):
     RUN/state.json             per stage: the hash of its inputs when it last completed
     RUN/data/                  documents.jsonl, order.txt, manifest.json + manifest.jsonl, token shards
     RUN/tokenizer/             tokenizer.json, tokenizer_config.json, special_tokens_map.json
-    RUN/pretrain/, RUN/sft/    checkpoints/step_NNNNNNN/, checkpoints.jsonl, metrics.jsonl, loss.png
-                               (sft: summary.json)
+    RUN/pretrain/, RUN/sft/,   checkpoints/step_NNNNNNN/, checkpoints.jsonl, metrics.jsonl, loss.png
+    RUN/rl/                    (sft: summary.json; rl: rollouts.jsonl)
     RUN/eval/                  eval.json
     RUN/release/               the Hugging Face-layout release (`Release`), with the training data itself
-                               (data/documents.parquet, dropped.parquet, order.txt, conversations/)
+                               (data/documents.parquet, dropped.parquet, order.txt, conversations/), its
+                               Croissant description (croissant.json) and, when signed, an OpenSSF Model
+                               Signing signature over every other file (model.sig, signing_key.pub)
 
 A training stage's checkpoints are folders `checkpoints/step_NNNNNNN/` holding
 model.safetensors, optimizer.safetensors and trainer.json; trainer.json is
@@ -31,7 +33,7 @@ from glassforge.core.errors import UserError
 from glassforge.core.files import atomic_write_json
 from glassforge.core.recipe import load_recipe
 
-TRAINING_STAGES = ("pretrain", "sft")
+TRAINING_STAGES = ("pretrain", "sft", "rl")
 
 # --------------------------------------------------------------------------- names shared by run and release
 
@@ -48,6 +50,7 @@ OPTIMIZER = "optimizer.safetensors"
 TRAINER = "trainer.json"
 CHECKPOINT_FILES = (WEIGHTS, OPTIMIZER, TRAINER)
 CHECKPOINTS = "checkpoints"
+ROLLOUT_LOG = "rollouts.jsonl"  # RL: every step's prompts, completions, rewards and advantages
 CHECKPOINT_LOG = "checkpoints.jsonl"  # every checkpoint ever written, with its hashes, kept or pruned since
 _CHECKPOINT_RE = re.compile(r"^step_(\d{7})$")
 
@@ -114,6 +117,7 @@ class Run:
     tokenizer = property(lambda self: self.root / "tokenizer")
     pretrain = property(lambda self: self.root / "pretrain")
     sft = property(lambda self: self.root / "sft")
+    rl = property(lambda self: self.root / "rl")
     eval = property(lambda self: self.root / "eval")
     release = property(lambda self: self.root / "release")
 
@@ -143,6 +147,8 @@ class Run:
 
     def loss_plot(self, stage: str) -> Path:
         return self.stage_dir(stage) / LOSS_PLOT
+
+    rollouts = property(lambda self: self.rl / ROLLOUT_LOG)
 
     def load_recipe(self):
         return load_recipe(self.recipe)
@@ -198,8 +204,10 @@ class Release:
     recipe = property(lambda self: self.root / RECIPE)
     manifest = property(lambda self: self.root / "manifest.json")
     attestation = property(lambda self: self.root / "attestation.json")
-    signature = property(lambda self: self.root / "attestation.dsse.json")
-    signing_key = property(lambda self: self.root / "signing_key.pub")
+    rollouts = property(lambda self: self.root / f"rl_{ROLLOUT_LOG}")  # the rl stage's log, re-scored by verify
+    croissant = property(lambda self: self.root / "croissant.json")  # the data pack, described in Croissant 1.1
+    signature = property(lambda self: self.root / "model.sig")  # OpenSSF Model Signing: model-signing's own name
+    signing_key = property(lambda self: self.root / "signing_key.pub")  # the signer's public key, signed over
     data = property(lambda self: self.root / "data")
     pack_documents = property(lambda self: self.root / "data" / "documents.parquet")
     pack_dropped = property(lambda self: self.root / "data" / "dropped.parquet")
@@ -215,7 +223,8 @@ class Release:
 
     @property
     def signed_files(self) -> tuple[str, ...]:
-        """Files that sign or are signed over the manifest, so manifest.json cannot list them."""
+        """Files that manifest.json cannot list: the attestation binds the manifest's hash, and the signature
+        (with its public key, which `glassforge sign` adds to a finished release) signs over both."""
         return (self.attestation.name, self.signature.name, self.signing_key.name)
 
 

@@ -43,6 +43,7 @@ STAGES: list[Stage] = [
           lambda r: None),
     Stage("pretrain", ("seed", "model", "pretrain"), lambda r: _last_weights(r.pretrain), lambda r: r.pretrain),
     Stage("sft", ("seed", "sft"), lambda r: _last_weights(r.sft), lambda r: r.sft),
+    Stage("rl", ("seed", "rl"), lambda r: _last_weights(r.rl), lambda r: r.rl),
     Stage("eval", ("eval",), lambda r: [r.eval_results], lambda r: r.eval),
     Stage("release", ("name", "description"), lambda r: [Release(r.release).manifest], lambda r: r.release),
 ]
@@ -90,6 +91,8 @@ def stage_enabled(run: Run, name: str) -> bool:
     recipe = run.load_recipe()
     if name == "sft":
         return recipe.sft.enabled
+    if name == "rl":
+        return recipe.rl.enabled and recipe.sft.enabled
     if name == "eval":
         return recipe.eval.enabled
     return True

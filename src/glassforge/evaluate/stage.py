@@ -29,6 +29,7 @@ from glassforge.core.errors import UserError
 from glassforge.core.files import atomic_write_json
 from glassforge.core.runfolder import Run, latest_weights
 from glassforge.data.documents import iter_documents
+from glassforge.evaluate.names import mcnemar, name_prompts, score_names
 from glassforge.evaluate.scoring import (
     TrainingNgrams,
     decontaminate,
@@ -42,9 +43,10 @@ from glassforge.model.hf import load_weights
 from glassforge.model.llama import Llama
 from glassforge.tokenizer.bpe import load_tokenizer
 from glassforge.tokenizer.shards import TokenStream
+from glassforge.train.rewards import reward_table
 from glassforge.train.sft import sft_summary
 
-BUILTIN_TASKS = ("val-loss", "pystdlib-docmatch")
+BUILTIN_TASKS = ("val-loss", "pystdlib-docmatch", "pystdlib-names")
 
 
 def val_loss_by_source(model, run: Run, seq_len: int, max_windows: int = 128) -> dict:
@@ -96,6 +98,8 @@ def evaluate_model(run: Run, model: Llama, tasks: list[str], limit: int) -> dict
             items, removed = decontaminate(items, tok, ngrams)
             results["decontamination"]["removed"][task] = removed
             results["tasks"][task] = score_docmatch(model, tok, items[:limit])
+        elif task == "pystdlib-names":
+            results["tasks"][task] = names_task(run, model, tok)
         elif task.endswith(".jsonl"):
             kind, items = read_task_jsonl(Path(task))
             items, removed = decontaminate(items, tok, ngrams)
@@ -118,12 +122,27 @@ def run_eval(run: Run, tasks: str | None = None) -> dict:
         # Fine-tuning trades some language modelling for chat; show both sides of the trade.
         base = _load(recipe.model, latest_weights(run.pretrain))
         results["tasks"]["val-loss (base model)"] = val_loss_by_source(base, run, recipe.pretrain.seq_len)
+    if stage == "rl" and "pystdlib-names" in task_list:
+        # what RL changed, on the same prompts, item by item
+        before = names_task(run, _load(recipe.model, latest_weights(run.sft)), load_tokenizer(run.tokenizer))
+        after = results["tasks"]["pystdlib-names"]
+        results["tasks"]["pystdlib-names (before RL)"] = before
+        results["rl"] = {which: {metric: mcnemar(before[which]["outcomes"][metric], after[which]["outcomes"][metric])
+                                 for metric in ("name", "signature")} for which in after}
     results["model"] = stage
     summary = sft_summary(run)
     if summary:
         results["sft"] = {"base_val_loss": summary["base_val_loss"], "val_loss": summary["val_loss"]}
     atomic_write_json(run.eval_results, results)
     return {"eval": str(run.eval_results), "tasks": list(results["tasks"])}
+
+
+def names_task(run: Run, model: Llama, tok) -> dict:
+    """pystdlib-names on both sets (evaluate/names.py): the training modules' functions and the held-out ones'."""
+    recipe = run.load_recipe()
+    table = reward_table(iter_documents(run))
+    return {which: score_names(model, tok, items, table)
+            for which, items in name_prompts(table, recipe.seed, recipe.eval.names_limit).items()}
 
 
 def _load(cfg, weights) -> Llama:
@@ -148,10 +167,20 @@ def results_rows(results: dict) -> list[dict]:
                         rows.append({"task": f"validation loss{which} ({source})", "metric": "bits/byte",
                                      "value": f"{v['bpb']:.3f}"})
         else:
-            for k, v in r.items():
-                if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    label = f"{task} (n={r['n']})" if "n" in r else task
-                    rows.append({"task": label, "metric": k, "value": f"{v:.3f}"})
+            parts = [(f"{task}, {k}", v) for k, v in r.items() if isinstance(v, dict) and "n" in v] or [(task, r)]
+            for label, part in parts:  # pystdlib-names has a result per set of functions
+                for k, v in part.items():
+                    if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        rows.append({"task": f"{label} (n={part['n']})" if "n" in part else label, "metric": k,
+                                     "value": f"{v:.3f}"})
+    before, after = (results.get("tasks") or {}).get("pystdlib-names (before RL)"), (results.get("tasks") or {}).get(
+        "pystdlib-names")
+    for which, tests in (results.get("rl") or {}).items():
+        for metric, key in (("name", "right_name"), ("signature", "exact_signature")):
+            t = tests[metric]
+            rows.append({"task": f"pystdlib-names, {which}: RL's change (McNemar)", "metric": key,
+                         "value": f"{before[which][key]:.3f} → {after[which][key]:.3f} (+{t['gained']} −{t['lost']}, "
+                                  f"p = {t['p_value']:.2g})"})
     sft = results.get("sft") or {}
     if sft.get("base_val_loss") is not None and sft.get("val_loss") is not None:
         rows.append({"task": "held-out conversations", "metric": "assistant-token loss, base → fine-tuned",

@@ -51,6 +51,11 @@ def _last(rows: list[dict], key: str) -> str:
     return f"{values[-1]:.4f}" if values else "n/a"
 
 
+def _first(rows: list[dict], key: str) -> str:
+    values = [r[key] for r in rows if key in r]
+    return f"{values[0]:.4f}" if values else "n/a"
+
+
 def model_card(run: Run) -> str:
     recipe = run.load_recipe()
     head = read_manifest_head(run)
@@ -60,7 +65,8 @@ def model_card(run: Run) -> str:
                   license_lines=hub_license_lines(sorted({s.license for s in recipe.data.sources})),
                   recipe=recipe, summary=head.get("summary", {}), stage=stage, version=__version__,
                   n_params=count_params(weights), pretrain=read_metrics(run.metrics("pretrain")),
-                  sft=read_metrics(run.metrics("sft")), last=_last, optimizer=optimizer_words,
+                  sft=read_metrics(run.metrics("sft")), rl=read_metrics(run.metrics("rl")), last=_last, first=_first,
+                  optimizer=optimizer_words,
                   eval_rows=results_rows(evals) if evals else [],
                   decontamination=(evals or {}).get("decontamination") if (evals or {}).get(
                       "decontamination", {}).get("removed") else None,

@@ -231,12 +231,17 @@ def check_pack(release: Path, attested: dict) -> list[Claim]:
     return claims
 
 
+def pack_documents(release: Path) -> Iterator[dict]:
+    """The kept documents of a release's pack ({id, split, text}), in the data stage's order."""
+    yield from _table_rows(Release(release).pack_documents, ["id", "split", "text"])
+
+
 def unpack(release: Path, run: Run) -> None:
     """The pack as the data stage's outputs in a (scratch) run folder: documents.jsonl and order.txt."""
     rel = Release(release)
     run.data.mkdir(parents=True, exist_ok=True)
     with AtomicFile(run.documents, "w") as f:
-        for row in _table_rows(rel.pack_documents, ["id", "split", "text"]):
+        for row in pack_documents(release):
             f.write(json.dumps({"id": row["id"], "split": row["split"], "text": row["text"]}, ensure_ascii=False,
                                separators=(",", ":")) + "\n")
     atomic_write_text(run.order, rel.pack_order.read_text(encoding="utf-8"))

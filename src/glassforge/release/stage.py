@@ -3,9 +3,12 @@
 Hugging Face layout: `config.json` (LlamaForCausalLM), `model.safetensors`,
 `generation_config.json`, the tokenizer files with the chat template, a model
 card `README.md`, `DATA_CARD.md`, `metrics.jsonl`, `loss.png`, `recipe.toml`,
+`croissant.json` (the training data in MLCommons Croissant, croissant.py),
 `manifest.json` (the sha256 and size of every file) and `attestation.json`, an
 in-toto Statement binding the weights to their data, recipe, code and
-checkpoints (see attest.py), optionally signed (`attestation.dsse.json`).
+checkpoints (see attest.py). With a signing key, an OpenSSF Model Signing
+signature over every file (`model.sig`, signing.py) is written last, once the
+folder is in place, so it names the folder `release`.
 
 The release also carries what a stranger needs to re-train it: the data pack
 (`data/`: every training document's text, the dropped ones' hashes and
@@ -32,6 +35,7 @@ import json
 from pathlib import Path
 
 from glassforge import __version__
+from glassforge.core.errors import UserError
 from glassforge.core.files import atomic_write_bytes, atomic_write_dir, atomic_write_json, atomic_write_text
 from glassforge.core.hashing import copy_file, hashing_once, sha256_file
 from glassforge.core.manifest import file_manifest, folder_sha256
@@ -48,9 +52,11 @@ from glassforge.core.runfolder import (
     list_checkpoints,
 )
 from glassforge.data.card import write_data_card
-from glassforge.release.attest import attestation_predicate, sign, statement, statement_bytes
+from glassforge.release.attest import attestation_predicate, statement, statement_bytes, validate_statement
 from glassforge.release.card import model_card
+from glassforge.release.croissant import write_croissant
 from glassforge.release.datapack import write_pack
+from glassforge.release.signing import load_private_key, sign_release
 from glassforge.release.trace_index import build_index
 from glassforge.tokenizer.bpe import END, ENDOFTEXT, PAD, load_tokenizer
 
@@ -100,14 +106,14 @@ def run_release(run: Run, sign_key: Path | None = None) -> dict:
     recipe = run.load_recipe()
     stage, weights = run.final_weights()
     if sign_key is not None:
-        sign(b"", Path(sign_key))  # a bad key fails now, before any work
+        load_private_key(Path(sign_key), "--sign-key")  # a bad key fails now, before any work
     carried = carried_checkpoints(run)
     released: dict = {}
 
     def fill(tmp: Path) -> None:
         out = Release(tmp)
         write_model_folder(tmp, recipe.model, weights, run.tokenizer)
-        # One log for the whole run: pretraining rows, then fine-tuning rows, tagged by stage.
+        # One log for the whole run: pretraining rows, then fine-tuning's, then RL's, tagged by stage.
         rows = []
         for src_stage in TRAINING_STAGES:
             path = run.metrics(src_stage)
@@ -122,8 +128,11 @@ def run_release(run: Run, sign_key: Path | None = None) -> dict:
         atomic_write_text(out.recipe, run.recipe.read_text())
         if run.eval_results.is_file():
             copy_file(run.eval_results, out.eval_results)
+        if run.rollouts.is_file():  # RL's every rollout: what verify re-scores
+            copy_file(run.rollouts, out.rollouts)
         _copy_carried(tmp, carried)
         pack = write_pack(run, tmp)
+        write_croissant(run, tmp, pack)
         build_index(run, out.trace)  # after tokenizer.json is in place: the index records its hash
         trace_sha = folder_sha256(out.trace)
         files = file_manifest(tmp, exclude=(out.manifest.name, *out.signed_files))
@@ -132,13 +141,13 @@ def run_release(run: Run, sign_key: Path | None = None) -> dict:
         predicate = attestation_predicate(run, [{k: c[k] for k in ("stage", "step", "folder")} for c in carried],
                                           pack, sha256_file(out.manifest), trace_sha)
         released["sha256"] = files[WEIGHTS]["sha256"]
-        payload = statement_bytes(statement(released["sha256"], predicate))
-        atomic_write_bytes(out.attestation, payload)
-        if sign_key is not None:
-            envelope, public = sign(payload, Path(sign_key))
-            atomic_write_json(out.signature, envelope)
-            atomic_write_bytes(out.signing_key, public)
+        stmt = statement(released["sha256"], predicate)
+        why = validate_statement(stmt)
+        if why:  # a predicate in-toto's bindings cannot carry (a value JSON has but protobuf's Struct has not)
+            raise UserError(f"{out.attestation.name}: not a valid in-toto Statement v1 ({why})")
+        atomic_write_bytes(out.attestation, statement_bytes(stmt))
 
     atomic_write_dir(run.release, fill)
-    return {"release": str(run.release), "weights_from": stage,
-            "model_sha256": released["sha256"], "signed": sign_key is not None}
+    signed = sign_release(run.release, Path(sign_key), "--sign-key") if sign_key is not None else None
+    return {"release": str(run.release), "weights_from": stage, "model_sha256": released["sha256"],
+            "signed": signed is not None, **({"signature": signed} if signed else {})}

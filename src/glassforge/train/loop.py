@@ -205,6 +205,11 @@ def train(
     # Decided on the whole run's work, not what is left of it: a resumed run or a replay must
     # compile exactly when the original did, or its bits would differ.
     compiled = should_compile(cfg, device, flops_tok * tokens_per_step * cfg.steps)
+    if compiled:
+        # Forget what this process compiled before (another stage's shapes would make dynamo recompile
+        # this one with dynamic shapes): a stage compiles the same kernels whether it runs after other
+        # stages, as in a build, or alone, as in a replay of one interval.
+        torch._dynamo.reset()
     step_fn = torch.compile(train_model) if compiled else train_model
 
     metrics_path = out / METRICS
@@ -223,6 +228,12 @@ def train(
     val_loss, val_bpb = None, None
     last_ckpt = checkpoint_dir(out, start_step) if resumed else None
     model.train()
+    # RL: a source whose examples the model itself makes at each step (train/rl.py), and what it reports of them
+    prepare, step_stats = getattr(train_set, "prepare", None), getattr(train_set, "step_stats", None)
+    if prepare is not None and cfg.fsdp:
+        raise UserError(f"{label}: rollouts generate with whole weights; fsdp = true is not supported with them")
+    if hasattr(train_set, "resume"):
+        train_set.resume(start_step)  # its own log, rewound to the checkpoint like metrics.jsonl
     metrics_file = open(metrics_path, "a", encoding="utf-8") if dist_info.main else None
     stopped = False  # by on_checkpoint
     done = start_step
@@ -237,12 +248,19 @@ def train(
                     for g in opt.param_groups:
                         g["lr"] = lr * scale
                 rows = order.global_batch(step)
-                n_targets = max(1, _target_count(train_set, rows, seq_len))
                 mine = rows[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
+                if prepare is not None:  # examples the model being trained makes (RL rollouts), for this rank's rows
+                    model.eval()
+                    with torch.no_grad():
+                        local_targets = prepare(step, model, mine)
+                    model.train()
+                    n_targets = max(1, int(all_reduce(torch.tensor(float(local_targets), device=device), dist_info)))
+                else:
+                    n_targets = max(1, _target_count(train_set, rows, seq_len))
                 chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
                 loss_sum = torch.zeros((), device=device)
                 for i, chunk in enumerate(chunks):
-                    x, y = train_set.batch(chunk)
+                    x, y, *weights = train_set.batch(chunk)
                     last_micro = i == len(chunks) - 1
                     sync = nullcontext()
                     if dist_info.world > 1 and not last_micro:  # reduce gradients once, after the last micro-batch
@@ -254,8 +272,13 @@ def train(
                         model.set_requires_gradient_sync(True)
                     with sync:
                         with autocast(device, dtype):
-                            _, loss = step_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                              reduction="sum")
+                            if weights:  # a weight per target token (RL's advantages): the weighted sum of losses
+                                _, losses = step_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                                    reduction="none")
+                                loss = (losses * weights[0].to(device).reshape(-1)).sum()
+                            else:
+                                _, loss = step_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                                  reduction="sum")
                         # Sum over the global batch / its target count; x world undoes the ranks' average.
                         (loss * (dist_info.world / n_targets)).backward()
                     loss_sum += loss.detach()
@@ -273,7 +296,8 @@ def train(
                 mfu = tok_s * flops_tok / peak
                 done = step + 1
                 record = {"step": done, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(float(full_tensor(grad_norm)), 6),
-                          "tokens": done * tokens_per_step, "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
+                          "tokens": done * tokens_per_step, "tokens_per_s": round(tok_s, 1), "mfu": round(mfu, 4),
+                          **(step_stats() if step_stats is not None else {})}
                 if val_set is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
                     val_loss, val_bpb = evaluate(model, val_set, cfg, device, dtype)
                     record.update(val_loss=round(val_loss, 6), val_bpb=round(val_bpb, 6))

@@ -31,6 +31,7 @@ from glassforge.data.documents import iter_documents
 from glassforge.model.hf import load_weights
 from glassforge.model.llama import Llama
 from glassforge.tokenizer.bpe import END, PAD, load_tokenizer, render_chat
+from glassforge.tokenizer.shards import TokenStream
 from glassforge.train.conversations import (
     Conversation,
     pystdlib_qa,
@@ -38,6 +39,7 @@ from glassforge.train.conversations import (
 )
 from glassforge.train.device import pick_dtype
 from glassforge.train.loop import evaluate, train
+from glassforge.train.order import Windows
 
 
 def assistant_spans(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -121,6 +123,58 @@ def load_conversations(run: Run, files: dict[str, Path] | None = None) -> tuple[
     return train, val, report
 
 
+class WithPretraining:
+    """Conversations with pretraining text mixed in: rows past the conversations are windows of the
+    pretraining stream (every token trained on), `share` of all rows, spread evenly over the stream."""
+
+    def __init__(self, conversations: Conversations, windows: Windows, share: float):
+        self.conversations, self.windows = conversations, windows
+        self.n_conv = len(conversations)
+        wanted = round(share / (1 - share) * self.n_conv)
+        stride = max(1, len(windows) // max(1, wanted))
+        self.picked = np.arange(0, len(windows), stride, dtype=np.int64)[:wanted]
+        self.bytes_per_token = conversations.bytes_per_token
+        self.target_tokens = conversations.target_tokens + len(self.picked) * windows.seq_len
+
+    def __len__(self) -> int:
+        return self.n_conv + len(self.picked)
+
+    def batch(self, indices):
+        idx = np.asarray(indices, dtype=np.int64)
+        conv, text = idx[idx < self.n_conv], self.picked[idx[idx >= self.n_conv] - self.n_conv]
+        x = np.empty((len(idx), self.windows.seq_len), dtype=np.int64)
+        y = np.empty_like(x)
+        if len(conv):
+            cx, cy = self.conversations.batch(conv)
+            x[idx < self.n_conv], y[idx < self.n_conv] = cx.numpy(), cy.numpy()
+        if len(text):
+            wx, wy = self.windows.batch(text)
+            x[idx >= self.n_conv], y[idx >= self.n_conv] = wx.numpy(), wy.numpy()
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def target_count(self, rows) -> int:
+        rows = np.asarray(rows, dtype=np.int64)
+        conv = rows[rows < self.n_conv]
+        return int((self.conversations.y[conv] != -100).sum()) + int((rows >= self.n_conv).sum()) * \
+            self.windows.seq_len
+
+
+def sft_examples(run: Run, tok, files: dict[str, Path] | None = None):
+    """Fine-tuning's training examples: the recipe's conversations, with pretraining text mixed in when
+    sft.pretrain_mix asks (what a replay of fine-tuning re-trains on too); and the held-out conversations."""
+    recipe = run.load_recipe()
+    cfg = recipe.sft
+    train_convs, val_convs, report = load_conversations(run, files)
+    train_set = Conversations(train_convs, tok, cfg.seq_len)
+    val_set = Conversations(val_convs, tok, cfg.seq_len) if val_convs else None
+    if cfg.pretrain_mix:
+        if not 0 < cfg.pretrain_mix < 1:
+            raise UserError(f"sft.pretrain_mix={cfg.pretrain_mix}: the share of pretraining rows must be in (0, 1)")
+        train_set = WithPretraining(train_set, Windows(TokenStream(run, "train"), cfg.seq_len), cfg.pretrain_mix)
+        report["pretraining windows"] = len(train_set.picked)
+    return train_set, val_set, report
+
+
 def run_sft(run: Run) -> dict:
     recipe = run.load_recipe()
     cfg = recipe.sft
@@ -128,9 +182,7 @@ def run_sft(run: Run) -> dict:
         raise UserError(f"sft.seq_len={cfg.seq_len} exceeds model.max_seq_len={recipe.model.max_seq_len}")
     base = latest_weights(run.pretrain)
     tok = load_tokenizer(run.tokenizer)
-    train_convs, val_convs, report = load_conversations(run)
-    train_set = Conversations(train_convs, tok, cfg.seq_len)
-    val_set = Conversations(val_convs, tok, cfg.seq_len) if val_convs else None
+    train_set, val_set, report = sft_examples(run, tok)
 
     base_val = None
     if val_set is not None:
@@ -140,7 +192,7 @@ def run_sft(run: Run) -> dict:
 
     result = train(recipe.model, train_set, val_set, cfg, run.sft, recipe.seed + 1,
                    stage_input_hash(run, "sft"), init_weights=base, label="sft")
-    summary = {"conversations": report, "train_conversations": len(train_set),
+    summary = {"conversations": report, "train_rows": len(train_set),
                "val_conversations": len(val_set) if val_set else 0,
                "train_target_tokens": train_set.target_tokens,
                "base_val_loss": base_val, "val_loss": result.val_loss, "final_loss": result.final_loss,
