@@ -1,25 +1,29 @@
 """Calibrate `verify --replay`'s tolerance: the distance floating-point noise makes, against the distance a change
-to the data makes, on one training interval of a real release.
+to the data makes, on training intervals of a real release.
 
-For the chosen interval (default: each stage's last interval whose start and end
-the release carries), it re-trains from the release alone and measures the
-relative distance of release/replay.py (l2 of replayed minus attested weights,
-over l2 of the interval's attested update) under:
+For each chosen interval (default: each stage's first and last interval whose
+start and end the release carries; --every: all of them), it re-trains from the
+release alone and measures the relative distance of release/replay.py (l2 of
+replayed minus attested weights, over l2 of the interval's attested update)
+under:
 
-  noise   the recorded settings (must be 0: bit for bit), one thread instead of
-          the recorded count, three threads, and compilation off where the run
-          compiled (another set of kernels, as another torch build would have);
+  probe   the compile decision flipped: what `verify` measures as this
+          machine's rounding noise on the interval when a replay is not bit
+          for bit (the recorded settings replay bit for bit here, so the
+          probe's distance to the attested weights is that noise);
+  noise   one thread and three threads instead of the recorded count (what
+          another machine's rounding does to an honest replay);
   signal  one token of one training window the interval reads changed, the
-          batches of two of its steps swapped, and one document it reads
-          replaced by another document's text.
+          batches of two of its steps swapped, one document it reads
+          replaced by another document's text, and one sentence added to it.
 
-It prints each figure, the ratio of the smallest signal to the largest noise,
-and where a threshold between them sits (their geometric mean). The threshold
-`glassforge.release.replay.TOLERANCE` should lie between the two on every
-recipe shipped.
+It prints each distance and its ratio to the probe's: a replay passes when
+the ratio is at most `glassforge.release.replay.NOISE_FACTOR`, which should
+lie above every noise ratio and below every ratio of a changed document or
+swapped batches, on every recipe shipped.
 
     .venv/bin/python bench/replay_calibration.py runs/default/release
-    .venv/bin/python bench/replay_calibration.py runs/tiny/release --json out.json
+    .venv/bin/python bench/replay_calibration.py runs/tiny/release --every --json out.json
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import tempfile
 import time
@@ -42,7 +45,7 @@ from glassforge.core.recipe import parse_recipe  # noqa: E402
 from glassforge.core.runfolder import RECIPE, WEIGHTS, Release  # noqa: E402
 from glassforge.release.datapack import pack_conversation_files  # noqa: E402
 from glassforge.release.replay import (  # noqa: E402
-    TOLERANCE,
+    NOISE_FACTOR,
     Attested,
     Interval,
     _as_recorded,
@@ -156,8 +159,9 @@ def one_token(it: Interval, vocab: int):
     return change
 
 
-def one_document(it: Interval, stage: str):
-    """Replace the text of a training document read in the middle of the interval by another's."""
+def one_document(it: Interval, stage: str, appended: str | None = None):
+    """Replace the text of a training document read in the middle of the interval by another's (or, with
+    `appended`, add that sentence to it)."""
     def change(run):
         from glassforge.tokenizer.shards import TokenStream
 
@@ -172,22 +176,49 @@ def one_document(it: Interval, stage: str):
         donor = next(d["text"] for d in docs if d["id"] != victim and d["split"] == "train")
         for d in docs:
             if d["id"] == victim:
-                d["text"] = donor
+                d["text"] = d["text"] + appended if appended is not None else donor
         run.documents.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
     return change
+
+
+def calibrate(release: Path, pred: dict, recipe, it: Interval, recorded: int, compiled: bool) -> dict:
+    """Every case's distance on one interval, and its ratio to the noise probe's."""
+    probe = f"probe: compile {'off' if compiled else 'on'} (recorded {'on' if compiled else 'off'})"
+    cases = {probe: {"compile": not compiled}}
+    for t in sorted({1, 3} - {recorded}):
+        cases[f"noise: {t} thread{'s' if t > 1 else ''} (recorded {recorded})"] = {"threads": t}
+    if it.stage != "rl":  # RL's batches are sampled from the policy as it trains: noise only there
+        cases["signal: one token of one example changed"] = {"examples_change": one_token(it, recipe.model.vocab_size)}
+        cases["signal: two steps' batches swapped"] = {"examples_change": swap_two_steps(it)}
+    if it.stage == "pretrain":
+        cases["signal: one document replaced"] = {"documents_change": one_document(it, it.stage)}
+        cases["signal: one sentence added to one document"] = {
+            "documents_change": one_document(it, it.stage, "\nThis sentence was not in the training data.")}
+    figures: dict = {}
+    for name, kw in cases.items():
+        d = measure(release, pred, it, **kw)
+        figures[name] = {"relative": d["relative"], "l2": d["l2"], "linf": d["linf"], "seconds": d["seconds"]}
+    noise = figures[probe]["relative"]
+    for name, f in figures.items():
+        f["ratio_to_probe"] = f["relative"] / noise if noise else None
+        verdict = "" if name == probe else ("  passes" if f["relative"] <= NOISE_FACTOR * noise else "  fails")
+        ratio = f"{f['ratio_to_probe']:7.2f}x probe" if noise else "    (probe is 0)"
+        print(f"{it}: {name:44s} {f['relative']:.3e}  {ratio}{verdict}  ({f['seconds']} s)", flush=True)
+    return {"probe_noise": noise, "figures": figures}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("release")
     p.add_argument("--stage", action="append", help="stages to measure (default: every training stage)")
+    p.add_argument("--every", action="store_true", help="measure every interval, not each stage's first and last")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     release = Path(args.release)
     pred = json.loads(Release(release).attestation.read_text())["predicate"]
     attested = Attested.of(release, pred)
     recipe = parse_recipe(Release(release).recipe.read_bytes(), RECIPE)
-    out = {"release": str(release), "tolerance": TOLERANCE, "torch": torch.__version__, "stages": {}}
+    out = {"release": str(release), "noise_factor": NOISE_FACTOR, "torch": torch.__version__, "intervals": {}}
     for stage in args.stage or attested.stages():
         if stage not in attested.chain:
             continue
@@ -196,34 +227,10 @@ def main() -> int:
         if not its:
             print(f"{stage}: no interval with a carried start and end", flush=True)
             continue
-        it = its[-1]
         env = attested.training[stage].get("env") or {}
         recorded = int(env.get("threads") or 1)
-        cases = {"recorded settings": {}}
-        for t in sorted({1, 3} - {recorded}):
-            cases[f"{t} thread{'s' if t > 1 else ''} (recorded {recorded})"] = {"threads": t}
-        if env.get("compile"):
-            cases["compile off (recorded on)"] = {"compile": False}
-        noise = list(cases)
-        cases["one token of one example changed"] = {"examples_change": one_token(it, recipe.model.vocab_size)}
-        cases["two steps' batches swapped"] = {"examples_change": swap_two_steps(it)}
-        if stage == "pretrain":
-            cases["one document replaced"] = {"documents_change": one_document(it, stage)}
-        figures = {}
-        for name, kw in cases.items():
-            d = measure(release, pred, it, **kw)
-            figures[name] = {"relative": d["relative"], "l2": d["l2"], "linf": d["linf"], "seconds": d["seconds"]}
-            print(f"{it}: {name:36s} relative distance {d['relative']:.3e}  (l2 {d['l2']:.3e}, "
-                  f"l-inf {d['linf']:.3e}, {d['seconds']} s)", flush=True)
-        worst_noise = max(figures[n]["relative"] for n in noise)
-        least_signal = min(v["relative"] for n, v in figures.items() if n not in noise)
-        between = math.sqrt(max(worst_noise, 1e-12) * least_signal)
-        print(f"{it}: largest noise {worst_noise:.3e}, smallest signal {least_signal:.3e}, ratio "
-              f"{least_signal / max(worst_noise, 1e-12):.1f}x; geometric mean {between:.3e}; TOLERANCE {TOLERANCE:.3e} "
-              f"{'lies between them' if worst_noise <= TOLERANCE < least_signal else 'does NOT lie between them'}",
-              flush=True)
-        out["stages"][stage] = {"interval": str(it), "figures": figures, "largest_noise": worst_noise,
-                                "smallest_signal": least_signal, "geometric_mean": between}
+        for it in its if args.every else sorted({its[0], its[-1]}, key=lambda i: i.start):
+            out["intervals"][str(it)] = calibrate(release, pred, recipe, it, recorded, bool(env.get("compile")))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

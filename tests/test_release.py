@@ -21,7 +21,7 @@ def test_release_has_the_hugging_face_layout_and_cards(run_root):
     rel = run_root / "release"
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "README.md", "DATA_CARD.md", "manifest.json",
-                 "metrics.jsonl", "attestation.json", "recipe.toml", "loss.png"):
+                 "metrics.jsonl", "attestation.json", "recipe.toml", "loss.png", "croissant.json"):
         assert (rel / name).is_file(), name
     config = json.loads((rel / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
@@ -66,7 +66,8 @@ def test_attestation_is_an_in_toto_statement_binding_the_inputs(run_root):
     assert pred["release"]["manifest_sha256"] == sha256_file(rel / "manifest.json")
     # every kept checkpoint travels with the release, but the released weights' own
     carried = [(c["stage"], c["step"]) for c in pred["replay"]["carried"]]
-    assert carried == [("pretrain", 20), ("pretrain", 40), ("pretrain", 60), ("sft", 10), ("sft", 20)]
+    assert carried == [("pretrain", 20), ("pretrain", 40), ("pretrain", 60), ("sft", 10), ("sft", 20), ("sft", 30),
+                       ("rl", 3)]
     for c in pred["replay"]["carried"]:
         assert (rel / c["folder"] / "optimizer.safetensors").is_file()
     env = pred["training"]["pretrain"]["env"]
@@ -155,29 +156,48 @@ def test_release_reads_each_file_once(run_root, tmp_path, file_reads):
 
 @pytest.mark.slow
 def test_signed_release_and_bad_keys(run_root, tmp_path):
+    """`release --sign-key` writes an OpenSSF Model Signing signature that model-signing's own verifier takes;
+    a key it cannot use is refused before anything is written."""
     import shutil
+
+    from model_signing import verifying
 
     from glassforge.core.errors import UserError
     from glassforge.core.runfolder import Run
-    from glassforge.release.attest import write_keypair
     from glassforge.release.stage import run_release
+    from test_standards import ec_key
 
     # A copy of the run without its data-heavy parts: release needs data/, tokenizer/, checkpoints.
     copy = tmp_path / "run"
     shutil.copytree(run_root, copy, ignore=shutil.ignore_patterns("release", "trace*"))
-    key, pub = tmp_path / "key.pem", tmp_path / "key.pub"
-    write_keypair(key, pub)
+    key, pub = ec_key(tmp_path)
     out = run_release(Run(copy), sign_key=key)
-    assert out["signed"]
+    assert out["signed"] and out["signature"]["curve"] == "P-256"
     rel = copy / "release"
-    env = json.loads((rel / "attestation.dsse.json").read_text())
-    assert env["payloadType"] == "application/vnd.in-toto+json"
-    import base64
-
-    assert base64.b64decode(env["payload"]) == (rel / "attestation.json").read_bytes()
+    verifying.Config().use_elliptic_key_verifier(public_key=pub).verify(rel, rel / "model.sig")  # raises if not
     assert (rel / "signing_key.pub").read_bytes() == pub.read_bytes()
+    manifest = json.loads((rel / "manifest.json").read_text())
+    assert not {"model.sig", "signing_key.pub", "attestation.json"} & set(manifest["files"])
+    before = (rel / "model.sig").read_bytes()
     not_a_key = tmp_path / "nokey.pem"
     not_a_key.write_text("hello")
-    with pytest.raises(UserError, match="--sign-key"):
+    with pytest.raises(UserError, match="--sign-key .*nokey.pem: not a PEM private key"):
         run_release(Run(copy), sign_key=not_a_key)
-    assert (rel / "attestation.dsse.json").is_file()  # a refused signing leaves the release as it was
+    assert (rel / "model.sig").read_bytes() == before  # a refused signing leaves the release as it was
+
+
+@pytest.mark.parametrize(("distance", "noise", "passes", "says"), [
+    (3e-3, 1e-3, True, "within floating-point tolerance"),
+    (4e-3, 1e-3, True, "within floating-point tolerance"),
+    (5e-3, 1e-3, False, "beyond floating-point tolerance"),
+    (1e-9, 0.0, False, "two kernel sets on this machine agree bit for bit"),
+    (0.0, 0.0, True, "within floating-point tolerance"),
+])
+def test_a_replay_that_is_not_bit_for_bit_passes_only_within_four_times_the_measured_noise(distance, noise, passes,
+                                                                                           says):
+    from glassforge.release.replay import Interval, _verdict
+
+    d = {"relative": distance, "l2": 1.0, "linf": 0.5, "tensors": {"a": {"l2": 0.1}, "b": {"l2": 0.9}}}
+    name, ok, why = _verdict(Interval("pretrain", 40, 60), d, noise)
+    assert (name, ok) == ("replay pretrain steps 40..60", passes)
+    assert says in why and f"distance {distance:.2e}" in why and "most in b" in why
