@@ -300,3 +300,23 @@ def test_replay_reproduces_a_kept_interval(reference):
     assert replay_pretrain(Run.open(reference), 0, 6)["match"]  # from the seed's initial weights
     partial = replay_pretrain(Run.open(reference), 27, 29)  # no kept checkpoint at 29: nothing to compare
     assert partial["expected_model_sha256"] is None and not partial["match"]
+
+
+def test_a_stage_reports_its_whole_time_not_its_entrys_own(tmp_path, monkeypatch):
+    """An entry's own "seconds" (a trainer's: its steps only) must not replace the stage's whole time."""
+    import time
+
+    from glassforge import build
+    from glassforge.core.runfolder import Run
+
+    run = Run.create(tmp_path / "run")
+    write_recipe(run.root)
+
+    def slow_data(run):
+        time.sleep(0.3)
+        return {"seconds": 0.01}
+
+    monkeypatch.setitem(build.ENTRIES, "data", slow_data)
+    result = build.run_stage(run, "data")
+    assert result["seconds"] >= 0.3
+    assert run.read_state()["data"]["seconds"] == result["seconds"]

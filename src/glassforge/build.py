@@ -26,11 +26,12 @@ from glassforge.release.stage import run_release
 from glassforge.tokenizer.bpe import run_tokenizer
 from glassforge.tokenizer.shards import run_shards
 from glassforge.train.pretrain import run_pretrain
+from glassforge.train.rl import run_rl
 from glassforge.train.sft import run_sft
 
 ENTRIES: dict[str, Callable[..., dict]] = {
     "data": run_data, "tokenizer": run_tokenizer, "shards": run_shards, "pretrain": run_pretrain,
-    "sft": run_sft, "eval": run_eval, "release": run_release,
+    "sft": run_sft, "rl": run_rl, "eval": run_eval, "release": run_release,
 }
 
 
@@ -54,7 +55,7 @@ def run_stage(run: Run, name: str, **options) -> dict:
     result = ENTRIES[name](run, **options) or {}
     seconds = round(time.perf_counter() - t, 2)
     run.mark_done(name, input_hash, output=fingerprint(run, spec.outputs(run)), seconds=seconds)
-    return {"stage": name, "seconds": seconds, **result}
+    return {"stage": name, **result, "seconds": seconds}  # the whole stage, not the entry's own timing
 
 
 def build(recipe_name: str, out: Path, force: bool = False) -> dict:
