@@ -357,7 +357,9 @@ def test_health_and_short_chats_keep_answering_during_long_work(default, engine)
                f"{[round(c * 1000) for c in sorted(chats)[-5:]]} ms, at probes {sorted(range(len(chats)), key=chats.__getitem__)[-5:]})")
     print("\n" + figures)
     assert len(health) >= 3, figures  # the long work did overlap the probes
-    assert statistics.median(health) < 10 * idle_chat and max(health) < 40 * idle_chat, figures
+    # The worst probe gets a floor of 1 s: on a loaded 2-core machine the first probe after the work starts has
+    # measured 317 ms against a 40x bound of 316 ms; the stall this guards against was 12.5 s.
+    assert statistics.median(health) < 10 * idle_chat and max(health) < max(40 * idle_chat, 1.0), figures
     assert statistics.median(chats) < 10 * idle_chat, figures
 
 
