@@ -16,7 +16,9 @@ from glassforge.core.errors import UserError
 from glassforge.core.manifest import iter_manifest_entries
 from glassforge.core.runfolder import Run
 from glassforge.release.trace import TraceIndex, Tracer
-from glassforge.release.trace_index import build_index, build_index_arrays, suffix_array
+from glassforge.release.trace_index import (build_index, build_index_arrays, shard_bounds, suffix_array,
+                                            write_sharded_index)
+from glassforge.release.trace_search import ShardedTraceIndex, open_index
 
 EOT = 0
 
@@ -156,6 +158,52 @@ def test_counts_and_spans_match_brute_force(docs, query, dtype, sa_width, min_to
                 assert a <= pos and pos + len(q) <= b
 
 
+def build_sharded_synthetic(folder: Path, docs: list[list[int]], shards: int) -> ShardedTraceIndex:
+    """The same stream as build_synthetic, in document-aligned shards."""
+    tokens, offsets = stream_of(docs)
+    rows = [{"id": f"doc{i}", "source": f"synthetic://{i}", "license": "CC0-1.0", "sha256": f"{i:064x}"}
+            for i in range(len(docs))]
+    bounds = shard_bounds(offsets, shards)
+    built = []
+    for k in range(len(bounds) - 1):
+        a, b = int(offsets[bounds[k]]), int(offsets[bounds[k + 1]])
+        built.append(build_index_arrays(tokens[a:b], offsets[bounds[k]:bounds[k + 1] + 1] - a,
+                                        rows[bounds[k]:bounds[k + 1]], folder / f"shard-{k:03d}", eot_id=EOT,
+                                        extra={"first_token": a, "first_document": bounds[k]}))
+    write_sharded_index(folder, built, eot_id=EOT, tokenizer_sha256=None)
+    index = open_index(folder)
+    assert isinstance(index, ShardedTraceIndex) and len(index.shards) == len(bounds) - 1
+    return index
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(docs=st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=16), min_size=2, max_size=10),
+       queries=st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=14), min_size=1, max_size=4),
+       shards=st.integers(2, 5), min_tokens=st.integers(1, 3))
+def test_a_sharded_index_answers_as_one_index(docs, queries, shards, min_tokens):
+    with tempfile.TemporaryDirectory() as tmp:
+        one = build_synthetic(Path(tmp) / "one", docs)
+        many = build_sharded_synthetic(Path(tmp) / "many", docs, shards)
+        assert (many.n, many.n_docs) == (one.n, one.n_docs)
+        queries = queries + [docs[len(docs) // 2][1:] + [1, 2]]  # a span that runs into another document's text
+        for q in queries:
+            assert many.longest_matches(q) == one.longest_matches(q)
+            assert many.trace_ids(q, min_tokens=min_tokens, max_docs=3) == one.trace_ids(q, min_tokens, max_docs=3)
+        for d in range(one.n_docs):
+            assert many.document(d) == one.document(d) and many.doc_span(d) == one.doc_span(d)
+            a, b = one.doc_span(d)
+            assert many.token_slice(a, b).tolist() == one.token_slice(a, b).tolist()
+
+
+def test_a_changed_shard_is_refused(tmp_path):
+    build_sharded_synthetic(tmp_path / "many", [[1, 2, 3], [2, 3, 4], [3, 4, 1]], 3)
+    index = json.loads((tmp_path / "many" / "shard-001" / "index.json").read_text())
+    index["documents_note"] = "edited"
+    (tmp_path / "many" / "shard-001" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="shard-001/index.json: missing, or not the shard index"):
+        open_index(tmp_path / "many")
+
+
 def test_spans_ranked_long_then_rare(tmp_path):
     docs = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [7, 8, 9], [10, 11, 12]]
     idx = build_synthetic(tmp_path / "t", docs)
@@ -199,6 +247,29 @@ def _train_docs(release: Path) -> list[dict]:
     from glassforge.data.documents import iter_documents
 
     return list(iter_documents(Run(release.parent), "train"))
+
+
+def test_a_sharded_release_index_built_by_processes_traces_as_the_single_one(release, tmp_path):
+    from glassforge.data.executor import ProcessExecutor
+
+    other = tmp_path / "release"
+    other.mkdir()
+    shutil.copyfile(release / "tokenizer.json", other / "tokenizer.json")
+    with ProcessExecutor(2) as executor:
+        info = build_index(Run(release.parent), other / "trace", shards=3, executor=executor)
+    assert info["format"] == "glassforge-trace-sharded/1" and len(info["shards"]) == 3
+    assert sum(s["documents"] for s in info["shards"]) == info["documents"]
+    one, many = Tracer(release / "trace"), Tracer(other / "trace")
+    docs = _train_docs(release)
+    texts = [docs[i]["text"][:300] for i in (0, len(docs) // 3, len(docs) // 2, -1)]
+    texts += [docs[1]["text"][-80:] + " " + docs[2]["text"][:80], "Return the number of items in the sequence."]
+    for k, text in enumerate(texts):
+        a, b = one.trace(text, min_tokens=4), many.trace(text, min_tokens=4)
+        a.pop("elapsed_ms"), b.pop("elapsed_ms")
+        assert a == b and (a["spans"] or k == len(texts) - 1)
+        a, b = one.contains(text[:40]), many.contains(text[:40])
+        a.pop("elapsed_ms"), b.pop("elapsed_ms")
+        assert a == b
 
 
 def test_copied_passage_traced_to_its_document(release):
@@ -284,7 +355,7 @@ def test_tracer_refuses_another_tokenizer(tmp_path, release):
 
 
 def test_frequent_span_counts_stay_exact_when_documents_are_sampled(tmp_path, monkeypatch):
-    import glassforge.release.trace as trace_mod
+    import glassforge.release.trace_search as trace_mod
 
     idx = build_synthetic(tmp_path / "t", [[1, 2, 3, 1, 2, 3]] + [[1, 2, 3]] * 5)
     monkeypatch.setattr(trace_mod, "DOC_SCAN_LIMIT", 3)

@@ -179,7 +179,7 @@ def test_replay_all_from_a_copy_of_the_release_alone_is_bit_for_bit(run_root, tm
     replays = [line for line in out.splitlines() if line.startswith("PASS replay ") and "coverage" not in line]
     assert len(replays) == 8 and all("bit for bit" in line for line in replays), out  # 3 + 3 + 2 intervals
     assert "PASS replay coverage: 96 of 96 training steps (100%)" in out
-    for claim in ("data documents", "data order", "data merkle root", "data counts"):
+    for claim in ("data documents", "data ids", "data order", "data order rule", "data merkle root", "data counts"):
         assert f"PASS {claim}:" in out
 
 
@@ -278,7 +278,10 @@ def test_a_consistent_forgery_fails_the_replay(run_root, tmp_path):
     _rewrite_pack_document(rel, victim, text + "\nThis sentence was not in the training data.", recompute=True)
     claims = verify_release(rel, replay="last")
     failed = failures(claims)
-    assert set(failed) == {"replay pretrain steps 40..60"}, failed  # every hash and root is consistent
+    # Every hash and root is consistent; the id, the content address of the old text, is not, and only the
+    # replay tells that the weights were not trained on the new text.
+    assert set(failed) == {"replay pretrain steps 40..60", "data ids"}, failed
+    assert victim in failed["data ids"]
     assert "beyond floating-point tolerance" in failed["replay pretrain steps 40..60"]
     distance, noise = (float(re.search(rf"{key} ([0-9.e+-]+)", failed["replay pretrain steps 40..60"]).group(1))
                        for key in ("distance", "interval"))

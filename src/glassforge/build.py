@@ -58,8 +58,10 @@ def run_stage(run: Run, name: str, **options) -> dict:
     return {"stage": name, **result, "seconds": seconds}  # the whole stage, not the entry's own timing
 
 
-def build(recipe_name: str, out: Path, force: bool = False) -> dict:
-    """Run every stage of a recipe into `out`; return per-stage results ("skipped" for those up to date)."""
+def build(recipe_name: str, out: Path, force: bool = False, data_options: dict | None = None) -> dict:
+    """Run every stage of a recipe into `out`; return per-stage results ("skipped" for those up to date).
+
+    data_options: executor, workers, address for the data stage (they change how it runs, not its output)."""
     recipe = load_recipe(recipe_name)  # validate before touching the folder
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
@@ -82,7 +84,7 @@ def build(recipe_name: str, out: Path, force: bool = False) -> dict:
             results[spec.name] = "skipped"
             continue
         print(f"[build] {spec.name} ...", flush=True)
-        results[spec.name] = run_stage(run, spec.name)
+        results[spec.name] = run_stage(run, spec.name, **((data_options or {}) if spec.name == "data" else {}))
         print(f"[build] {spec.name}: done in {results[spec.name]['seconds']} s", flush=True)
     print(f"[build] {run.root}: complete in {time.perf_counter() - t0:.1f} s; release in {run.release}", flush=True)
     return results

@@ -42,8 +42,14 @@ def _stage(name: str):
 def cmd_build(args) -> int:
     from glassforge.build import build
 
-    build(args.recipe, Path(args.out), force=args.force)
+    build(args.recipe, Path(args.out), force=args.force, data_options=_data_options(args))
     return 0
+
+
+def _data_options(args) -> dict:
+    """--executor, --workers, --address as run_data's keyword arguments (absent ones left to the recipe)."""
+    return {k: v for k, v in (("executor", args.executor), ("workers", args.workers), ("address", args.address))
+            if v is not None}
 
 
 def cmd_data(args) -> int:
@@ -55,7 +61,7 @@ def cmd_data(args) -> int:
         return 0
 
     run = Run.open(args.run)
-    results = [run_stage(run, "data")]
+    results = [run_stage(run, "data", **_data_options(args))]
     if run.tokenizer_json.is_file():  # shards need the tokenizer
         results.append(run_stage(run, "shards"))
     print(json.dumps(results, indent=2, default=str))
@@ -173,6 +179,13 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _executor_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the data stage runs (the same bytes on each; default: the recipe's [data])")
+    g.add_argument("--executor", choices=["inprocess", "processes", "ray"], help="data.executor")
+    g.add_argument("--workers", type=int, help="data.workers: processes or Ray CPUs (0: every core)")
+    g.add_argument("--address", help="data.ray_address: host:port of a running Ray cluster")
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glassforge", description="Open data to a served chat model, every step checkable.")
     p.add_argument("--version", action="version", version=f"glassforge {__version__}")
@@ -182,14 +195,16 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--recipe", default="default", help="a built-in recipe name (tiny, default, ...) or a .toml path")
     b.add_argument("--out", required=True, help="the run folder")
     b.add_argument("--force", action="store_true", help="re-run every stage even if its inputs are unchanged")
+    _executor_arguments(b)
     b.set_defaults(func=cmd_build)
 
     d = sub.add_parser("data", help="collect, clean and deduplicate the documents (or inspect them)")
     d.add_argument("action", nargs="?", choices=["inspect"], help="inspect: show a document, token or step")
     d.add_argument("run")
-    d.add_argument("--doc", help="a document id")
+    d.add_argument("--doc", help="a document id, or its name (pystdlib:json.dumps, files:a.jsonl#L7)")
     d.add_argument("--token", type=int, help="a position in the training token stream")
     d.add_argument("--step", type=int, help="a training step: the documents in its batch")
+    _executor_arguments(d)
     d.set_defaults(func=cmd_data)
 
     for name, help_ in [("tokenizer", "train the byte-level BPE tokenizer"),

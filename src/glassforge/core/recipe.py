@@ -133,6 +133,10 @@ class DataConfig:
     near_dedup_rows: int = 8
     decontaminate: list[str] = field(default_factory=list)  # eval sets: paths of .jsonl/.json/.txt files
     decontaminate_ngram: int = 13
+    # How the stage runs, not what it makes (outside the stage's input hash: every executor gives the same bytes)
+    executor: str = "inprocess"  # inprocess | processes | ray
+    workers: int = 0  # processes, ray: how many (0: one per core; ray: the cluster's CPUs)
+    ray_address: str = ""  # ray: host:port of a running cluster ("" starts one in this process)
 
 
 @dataclass
@@ -206,6 +210,13 @@ class EvalConfig:
 
 
 @dataclass
+class ReleaseConfig:
+    # The trace index in this many document-aligned shards, each its own suffix array, built in parallel on the
+    # data stage's executor (release/trace_index.py); 1 is one index over the whole stream.
+    trace_shards: int = 1
+
+
+@dataclass
 class Recipe:
     name: str = "custom"
     description: str = ""
@@ -219,6 +230,7 @@ class Recipe:
     rl: RLConfig = field(default_factory=lambda: RLConfig(steps=60, lr=3e-4, seq_len=128, micro_batch=4,
                                                           warmup_steps=5, eval_every=10**9, checkpoint_every=20))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
 
     def __post_init__(self):
         # The model's vocabulary is the tokenizer's; one number, stated once.
@@ -229,10 +241,24 @@ class Recipe:
 
     def section_hash(self, *names: str) -> str:
         d = self.to_dict()
+        for name, keys in RUNTIME_FIELDS.items():
+            for key in keys:
+                d[name].pop(key, None)
         return sha256_bytes(canonical_json({n: d[n] for n in names}))
 
     def hash(self) -> str:
         return sha256_bytes(canonical_json(self.to_dict()))
+
+
+RUNTIME_FIELDS = {"data": ("executor", "workers", "ray_address")}
+
+
+def output_fields_hash(cfg: "DataConfig") -> str:
+    """The hash of the `[data]` fields that decide the stage's output (RUNTIME_FIELDS left out)."""
+    d = dataclasses.asdict(cfg)
+    for key in RUNTIME_FIELDS["data"]:
+        d.pop(key)
+    return sha256_bytes(canonical_json(d))
 
 
 def _build(cls, raw: Any, where: str):

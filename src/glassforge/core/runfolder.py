@@ -123,6 +123,7 @@ class Run:
 
     # data/
     documents = property(lambda self: self.data / "documents.jsonl")
+    data_work = property(lambda self: PartFiles(self.data / "work"))  # the data stage's parts, while it runs
     order = property(lambda self: self.data / "order.txt")
     data_manifest = property(lambda self: self.data / "manifest.json")
     manifest_entries = property(lambda self: self.data / "manifest.jsonl")
@@ -229,6 +230,41 @@ class Release:
 
 
 @dataclass(frozen=True)
+class PartFiles:
+    """The data stage's working folder (RUN/data/work/, on storage every worker shares): what each part's
+    task wrote, named by the part's number; removed when the stage completes (see data/analyse.py)."""
+
+    root: Path
+
+    def entries(self, i: int) -> Path:
+        return self.root / f"part-{i:06d}.entries.jsonl"
+
+    def documents(self, i: int) -> Path:
+        return self.root / f"part-{i:06d}.documents.jsonl"
+
+    def arrays(self, i: int) -> Path:
+        return self.root / f"part-{i:06d}.arrays.npz"
+
+    def signatures(self, i: int) -> Path:
+        return self.root / f"part-{i:06d}.signatures.npy"
+
+    def result(self, i: int) -> Path:
+        return self.root / f"part-{i:06d}.json"
+
+    # after the decisions: the part's final manifest entries and kept documents, concatenated in part order
+    def final_entries(self, i: int) -> Path:
+        return self.root / f"part-{i:06d}.final.entries.jsonl"
+
+    def kept_documents(self, i: int) -> Path:
+        return self.root / f"part-{i:06d}.kept.documents.jsonl"
+
+    # the near-duplicate search's inputs, one row per eligible document (see data/dedup.py BandTask)
+    near_keys = property(lambda self: self.root / "near.keys.npy")
+    near_ranks = property(lambda self: self.root / "near.ranks.npy")
+    near_places = property(lambda self: self.root / "near.places.npy")
+
+
+@dataclass(frozen=True)
 class TraceFolder:
     """Paths inside a trace index folder (release/trace/); the format is described in release/trace_index.py."""
 
@@ -244,6 +280,10 @@ class TraceFolder:
     doc_offsets = property(lambda self: self.root / "doc_offsets.npy")
     documents = property(lambda self: self.root / "documents.jsonl")
     documents_index = property(lambda self: self.root / "documents.idx.npy")
+
+    def shard(self, k: int) -> Path:
+        """A sharded index's shard k: a folder in this same layout."""
+        return self.root / f"shard-{k:03d}"
 
     @property
     def files(self) -> tuple[Path, ...]:

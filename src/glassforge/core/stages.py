@@ -45,7 +45,7 @@ STAGES: list[Stage] = [
     Stage("sft", ("seed", "sft"), lambda r: _last_weights(r.sft), lambda r: r.sft),
     Stage("rl", ("seed", "rl"), lambda r: _last_weights(r.rl), lambda r: r.rl),
     Stage("eval", ("eval",), lambda r: [r.eval_results], lambda r: r.eval),
-    Stage("release", ("name", "description"), lambda r: [Release(r.release).manifest], lambda r: r.release),
+    Stage("release", ("name", "description", "release"), lambda r: [Release(r.release).manifest], lambda r: r.release),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 

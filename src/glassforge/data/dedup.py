@@ -22,12 +22,15 @@ Jaccard similarity, as with classic MinHash, at 1/112 of the hashing cost;
 `MinHashLSH` on the same corpus and records both in docs/PERFORMANCE.md.
 
 LSH. A signature is cut into bands; a band's 8 values hash to one 64-bit key.
-A new document's candidates are the earlier kept documents sharing any band
-key; the candidate with the highest estimated Jaccard (share of equal
-signature values) at or above the threshold is the one it duplicates.
-Candidates are verified, so a band collision alone never drops a document.
-Documents are offered in the stage's deterministic order, and only kept ones
-enter the index, so the first of a group is kept and each later one names it.
+Documents sharing a band key are candidates, and a candidate pair counts only
+when its estimated Jaccard (share of equal signature values) reaches the
+threshold, so a band collision alone never drops a document. The search runs
+one task per band (`BandTask`, `band_edges`) over every part's signatures,
+then joins the verified pairs into connected components (`components`): each
+component keeps its lowest id. Bands, ids and signatures decide everything, so
+the result is the same however the corpus was split among workers. (`LSHIndex`
+also offers the incremental query-or-insert a single stream needs; the bench
+compares it with datasketch.)
 
 Decontamination. Every n-gram (default 13 words) of every evaluation item is
 hashed into one sorted array per evaluation set; a training document is
@@ -38,6 +41,7 @@ cannot be checked this way and are counted, not silently ignored.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -336,3 +340,88 @@ class ContaminationIndex:
             for d in np.unique(owner[arr[pos] == grams]).tolist():
                 out[d].append(name)
         return out
+
+
+# --------------------------------------------------------------------------- near duplicates at any scale
+
+
+@dataclass(frozen=True)
+class BandTask:
+    """Band `band` of every eligible document: find its candidate pairs and verify them.
+
+    The eligible documents' band keys (n x bands uint64), ranks (their ids' order) and places
+    (part, row) are files every worker reads memory-mapped; `signature_files` are the parts'
+    signature arrays, of which only compared rows are touched.
+    """
+
+    band: int
+    keys_file: str
+    ranks_file: str
+    places_file: str
+    signature_files: tuple[str, ...]
+    threshold: float
+
+
+_MAX_COMPARISONS = 16  # per document and band: the lowest-ranked members of its bucket
+
+
+def band_edges(task: BandTask) -> np.ndarray:
+    """Verified pairs (document, lower-ranked document) sharing this band's key, as an (m, 2) int64 array.
+
+    In each bucket (documents whose band keys are equal), in rank order, each
+    document is compared with the members before it, lowest rank first, at most
+    _MAX_COMPARISONS of them, and linked to the first whose estimated Jaccard
+    reaches the threshold. Everything here is a function of keys, ranks and
+    signatures, never of how documents were split among workers.
+    """
+    keys = np.array(np.load(task.keys_file, mmap_mode="r")[:, task.band])
+    ranks = np.load(task.ranks_file, mmap_mode="r")
+    places = np.load(task.places_file, mmap_mode="r")
+    order = np.lexsort((ranks, keys))
+    sorted_keys = keys[order]
+    same = sorted_keys[1:] == sorted_keys[:-1]
+    if not same.any():
+        return np.zeros((0, 2), dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], ~same]))
+    ends = np.concatenate([starts[1:], [len(order)]])
+    multi = ends - starts >= 2
+    signatures = [np.load(f, mmap_mode="r") for f in task.signature_files]
+
+    def sig(doc: int) -> np.ndarray:
+        part, row = places[doc]
+        return np.asarray(signatures[part][row])
+
+    edges = []
+    for s, e in zip(starts[multi].tolist(), ends[multi].tolist()):
+        members = order[s:e].tolist()
+        member_sigs = [sig(m) for m in members[:_MAX_COMPARISONS]]
+        for t in range(1, len(members)):
+            mine = member_sigs[t] if t < len(member_sigs) else sig(members[t])
+            for c in range(min(t, _MAX_COMPARISONS)):
+                if estimated_jaccard(mine, member_sigs[c]) >= task.threshold:
+                    edges.append((members[t], members[c]))
+                    break
+    return np.array(edges, dtype=np.int64).reshape(-1, 2)
+
+
+def components(n: int, ranks: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
+    """For each of n documents, the lowest-ranked document of its connected component (union-find)."""
+    parent = np.arange(n, dtype=np.int64)
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for pairs in edges:
+        for a, b in pairs.tolist():
+            ra, rb = root(a), root(b)
+            if ra != rb:
+                if ranks[ra] < ranks[rb]:
+                    ra, rb = rb, ra
+                parent[ra] = rb  # the lower-ranked root represents the union
+    linked = np.unique(np.concatenate([p.ravel() for p in edges])) if edges else np.zeros(0, np.int64)
+    for x in linked.tolist():
+        parent[x] = root(x)
+    return parent

@@ -30,9 +30,10 @@ def find_document(run: Run, doc_id: str) -> dict | None:
     return None
 
 
-def find_entry(run: Run, doc_id: str) -> dict | None:
+def find_entry(run: Run, doc: str) -> dict | None:
+    """The manifest entry of a document, by its id or its name (`pystdlib:json.dumps`, `files:a.jsonl#L7`)."""
     for d in iter_manifest_entries(run):
-        if d["id"] == doc_id:
+        if d["id"] == doc or d.get("name") == doc:
             return d
     return None
 

@@ -125,10 +125,12 @@ def parse_module(module: str, source: str, relpath: str) -> list[StdlibDoc]:
     return docs
 
 
-def iter_documents(modules: list[str] | None = None, root: Path | None = None) -> Iterator[StdlibDoc]:
-    """Every documented module, class and function, in a fixed order."""
+def iter_documents(modules: list[str] | None = None, root: Path | None = None,
+                   files: list[tuple[str, Path]] | None = None) -> Iterator[StdlibDoc]:
+    """Every documented module, class and function (of `files`, (module, path) pairs from
+    `module_files`, when given), in a fixed order."""
     root = root or stdlib_root()
-    for module, path in module_files(root, modules):
+    for module, path in (files if files is not None else module_files(root, modules)):
         try:
             source = path.read_text(encoding="utf-8")
             parsed = parse_module(module, source, path.relative_to(root).as_posix())

@@ -177,7 +177,7 @@ def iter_source(src: SourceConfig, cfg: DataConfig | None = None) -> Iterator[Ra
     if src.kind == "pystdlib":
         items = _iter_pystdlib(src)
     elif src.kind == "files":
-        items = _iter_files(src)
+        items = iter_files(src)
     elif src.kind == "hf":
         items = _iter_hf(src)
     else:
@@ -222,9 +222,14 @@ def id_path(rel: str) -> str:
     return _UNSAFE_IN_ID.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8")), rel)
 
 
-def _iter_files(src: SourceConfig) -> Iterator[RawDocument]:
+def iter_files(src: SourceConfig, listing=None) -> Iterator[RawDocument]:
+    """Every item of a files source, or of `listing`: (relative path, path, span) entries, span being
+    None for a whole file or (start byte, end byte, number of the first line) for a part of a JSON-lines file."""
     root = Path(src.path)
-    for rel, path in walk_files(root):
+    if listing is None:
+        listing = ((rel, path, None) for rel, path in walk_files(root))
+    for rel, path, span in listing:
+        path = Path(path)
         base_id = f"{src.name}:{id_path(rel)}"
         uri = path.resolve().as_uri() if path.exists() else "file://" + str(path.absolute())
         suffix = path.suffix.lower()
@@ -244,7 +249,7 @@ def _iter_files(src: SourceConfig) -> Iterator[RawDocument]:
                 yield from _iter_parquet(src, path, base_id, uri)
                 continue
             if suffix == ".jsonl":
-                yield from _iter_jsonl(src, path, base_id, uri)
+                yield from _iter_jsonl(src, path, base_id, uri, span)
                 continue
             if st.st_size > MAX_ITEM_BYTES:
                 yield bad("too_large", f"{st.st_size} bytes")
@@ -298,15 +303,19 @@ def _json_records(src: SourceConfig, text: str, base_id: str, uri: str) -> Itera
         yield _record_text(src, value, base_id, uri)
 
 
-def _read_lines_bounded(f) -> Iterator[bytes | None]:
-    """Lines of a binary file; None for a line longer than MAX_ITEM_BYTES (skipped in chunks)."""
-    while True:
+def _read_lines_bounded(f, end: int | None = None) -> Iterator[bytes | None]:
+    """Lines of a binary file that start before byte `end`; None for a line longer than MAX_ITEM_BYTES
+    (skipped in chunks)."""
+    pos = f.tell()
+    while end is None or pos < end:
         line = f.readline(MAX_ITEM_BYTES + 1)
         if not line:
             return
+        pos += len(line)
         if len(line) > MAX_ITEM_BYTES and not line.endswith(b"\n"):
             while True:
                 chunk = f.readline(1 << 20)
+                pos += len(chunk)
                 if not chunk or chunk.endswith(b"\n"):
                     break
             yield None
@@ -314,16 +323,47 @@ def _read_lines_bounded(f) -> Iterator[bytes | None]:
         yield line
 
 
-def _iter_jsonl(src: SourceConfig, path: Path, base_id: str, uri: str) -> Iterator[RawDocument]:
+def _iter_jsonl(src: SourceConfig, path: Path, base_id: str, uri: str,
+                span: tuple[int, int, int] | None = None) -> Iterator[RawDocument]:
+    start, end, first_line = span or (0, None, 1)
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             yield RawDocument(base_id, uri, src.license, None, src.name, "empty_file")
             return
-        yield from _jsonl_lines(src, _read_lines_bounded(f), base_id, uri)
+        f.seek(start)
+        yield from _jsonl_lines(src, _read_lines_bounded(f, end), base_id, uri, first_line)
 
 
-def _jsonl_lines(src: SourceConfig, lines, base_id: str, uri: str) -> Iterator[RawDocument]:
-    for lineno, line in enumerate(lines, 1):
+def jsonl_spans(path: Path, part_bytes: int) -> list[tuple[int, int, int]]:
+    """A JSON-lines file cut at line ends about every `part_bytes`: (start, end, first line number) each.
+
+    Reads the file once, counting newlines, so that every part knows the line numbers in its ids."""
+    size = path.stat().st_size
+    spans, start, first_line, newlines, pos, target = [], 0, 1, 0, 0, part_bytes
+    with open(path, "rb") as f:
+        while target < size:
+            chunk = f.read(1 << 24)
+            if not chunk:
+                break
+            while target < pos + len(chunk):
+                i = chunk.find(b"\n", max(target - pos, 0))
+                if i < 0:
+                    break
+                cut = pos + i + 1
+                if cut >= size:
+                    target = size
+                    break
+                spans.append((start, cut, first_line))
+                start, first_line = cut, newlines + chunk.count(b"\n", 0, i + 1) + 1
+                target = cut + part_bytes
+            newlines += chunk.count(b"\n")
+            pos += len(chunk)
+    spans.append((start, size, first_line))
+    return spans
+
+
+def _jsonl_lines(src: SourceConfig, lines, base_id: str, uri: str, first_line: int = 1) -> Iterator[RawDocument]:
+    for lineno, line in enumerate(lines, first_line):
         doc_id, line_uri = f"{base_id}#L{lineno}", f"{uri}#L{lineno}"
         if line is None:
             yield RawDocument(doc_id, line_uri, src.license, None, src.name, "too_large",

@@ -163,9 +163,9 @@ def _trained(folder: Path) -> dict | None:
 
 
 def attestation_predicate(run: Run, carried: list[dict], pack: dict, manifest_sha256: str,
-                          trace_sha256: str | None) -> dict:
+                          trace_sha256: str | None, trace_shards: list[dict] | None = None) -> dict:
     """Everything the attestation binds, read from the run folder; carried: the checkpoints under replay/,
-    pack: what datapack.write_pack wrote."""
+    pack: what datapack.write_pack wrote; trace_shards: a sharded trace index's shards (folder, index_sha256)."""
     recipe = run.load_recipe()
     data_manifest = read_manifest_head(run)
     merkle = data_manifest.get("merkle") or {}
@@ -201,7 +201,8 @@ def attestation_predicate(run: Run, carried: list[dict], pack: dict, manifest_sh
         "training": training,
         "checkpoints": checkpoint_chain(stages),
         "replay": {"carried": carried},
-        "trace_index": {"sha256": trace_sha256, "folder": Release(run.release).trace.name} if trace_sha256 else None,
+        "trace_index": {"sha256": trace_sha256, "folder": Release(run.release).trace.name,
+                        **({"shards": trace_shards} if trace_shards else {})} if trace_sha256 else None,
         "release": {"manifest_sha256": manifest_sha256},
     }
 

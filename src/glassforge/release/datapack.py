@@ -7,9 +7,9 @@ versions: 10,517 documents on 3.11.7, 10,036 on 3.12.1), so the release
 carries what training read:
 
     data/documents.parquet   one row per kept document, in the data stage's order:
-                             id, split, text, sha256, bytes, tokens, repeats,
+                             id, name, split, text, sha256, bytes, tokens, repeats,
                              source (URI), source_name, license
-    data/dropped.parquet     one row per dropped document: id, source, source_name,
+    data/dropped.parquet     one row per dropped document: id, name, source, source_name,
                              license, sha256, bytes, reason, duplicate_of,
                              similarity, contaminated_by, detail (no text)
     data/order.txt           the training order the data stage wrote
@@ -27,7 +27,9 @@ have no text; and an exact duplicate's text ships as the kept document it
 names. Its id, source, sha256 and reason let anyone who holds the source check
 the decision.
 
-`check_pack` is `verify --data` from the release alone: every document's hash
+`check_pack` is `verify --data` from the release alone: every document's id
+recomputed as the content address of its name and text, the order recomputed
+from the ids and the seed, every document's hash
 from its text, the Merkle roots from the order, the order's hash, the counts,
 all against the attestation. `unpack` lays the documents out as a run folder's
 data stage wrote them, for `verify --replay`.
@@ -46,7 +48,9 @@ from glassforge.core.hashing import copy_file, sha256_file
 from glassforge.core.manifest import iter_manifest_entries
 from glassforge.core.merkle import order_roots
 from glassforge.core.runfolder import Release, Run
+from glassforge.data.analyse import document_id
 from glassforge.data.documents import iter_documents
+from glassforge.data.stage import order_key
 
 Claim = tuple[str, bool, str]
 BATCH_ROWS = 2048  # rows per Parquet row group: fixed, so the bytes are a function of the documents
@@ -55,11 +59,11 @@ BATCH_ROWS = 2048  # rows per Parquet row group: fixed, so the bytes are a funct
 def _schemas():
     import pyarrow as pa
 
-    kept = pa.schema([("id", pa.string()), ("split", pa.string()), ("text", pa.large_string()),
+    kept = pa.schema([("id", pa.string()), ("name", pa.string()), ("split", pa.string()), ("text", pa.large_string()),
                       ("sha256", pa.string()), ("bytes", pa.int64()), ("tokens", pa.int64()),
                       ("repeats", pa.int64()), ("source", pa.string()), ("source_name", pa.string()),
                       ("license", pa.string())])
-    dropped = pa.schema([("id", pa.string()), ("source", pa.string()), ("source_name", pa.string()),
+    dropped = pa.schema([("id", pa.string()), ("name", pa.string()), ("source", pa.string()), ("source_name", pa.string()),
                          ("license", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
                          ("reason", pa.string()), ("duplicate_of", pa.string()), ("similarity", pa.float64()),
                          ("contaminated_by", pa.list_(pa.string())), ("detail", pa.string())])
@@ -97,7 +101,7 @@ def _kept_rows(run: Run) -> Iterator[dict]:
         if doc is None or doc["id"] != entry["id"]:
             raise UserError(f"{run.documents}: does not list the manifest's kept documents in its order "
                             f"(at {entry['id']}); run `glassforge data {run.root}` again")
-        yield {"id": entry["id"], "split": entry["split"], "text": doc["text"], "sha256": entry["sha256"],
+        yield {"id": entry["id"], "name": entry.get("name"), "split": entry["split"], "text": doc["text"], "sha256": entry["sha256"],
                "bytes": entry["bytes"], "tokens": entry.get("tokens"), "repeats": entry.get("repeats"),
                "source": entry["source"], "source_name": entry["source_name"], "license": entry["license"]}
 
@@ -107,7 +111,8 @@ def _dropped_rows(run: Run) -> Iterator[dict]:
         if entry.get("status") == "kept":
             continue
         hits = entry.get("contaminated_by")
-        yield {"id": entry["id"], "source": entry["source"], "source_name": entry["source_name"],
+        yield {"id": entry["id"], "name": entry.get("name"), "source": entry["source"],
+               "source_name": entry["source_name"],
                "license": entry["license"], "sha256": entry.get("sha256"), "bytes": entry.get("bytes"),
                "reason": entry.get("reason"), "duplicate_of": entry.get("duplicate_of"),
                "similarity": entry.get("similarity"), "contaminated_by": list(hits) if hits else None,
@@ -179,12 +184,19 @@ def check_pack(release: Path, attested: dict) -> list[Claim]:
     source_of: dict[str, str] = {}
     split_of: dict[str, str] = {}
     bad: list[str] = []
+    misnamed: list[str] = []
+    repeats: dict[str, int] = {}
     try:
-        for row in _table_rows(rel.pack_documents, ["id", "split", "text", "sha256", "bytes", "source_name"]):
+        for row in _table_rows(rel.pack_documents, ["id", "name", "split", "text", "sha256", "bytes", "source_name",
+                                                     "repeats"]):
             data = row["text"].encode("utf-8")
             digest = hashlib.sha256(data).digest()
             if digest.hex() != row["sha256"] or len(data) != row["bytes"]:
                 bad.append(row["id"])
+            if document_id(row["source_name"], row["name"] or "", digest.hex()) != row["id"]:
+                misnamed.append(row["id"])
+            if row["split"] == "train":
+                repeats[row["id"]] = row["repeats"] or 0
             if row["id"] in digest_of:
                 return [("data documents", False, f"{rel.pack_documents.name}: document {row['id']} is listed twice")]
             digest_of[row["id"]], source_of[row["id"]], split_of[row["id"]] = digest, row["source_name"], row["split"]
@@ -197,6 +209,9 @@ def check_pack(release: Path, attested: dict) -> list[Claim]:
                                                                          else "")))
     else:
         claims.append(("data documents", True, f"all {len(digest_of):,} kept documents' texts hash to their sha256"))
+    claims.append(("data ids", not misnamed, "every kept document's id is the content address of its name and text"
+                   if not misnamed else f"document {misnamed[0]}: its id is not the address of its name and text"
+                   + (f" ({len(misnamed) - 1} more)" if len(misnamed) > 1 else "")))
     counts_ok = len(digest_of) == (pack.get("documents") or {}).get("rows") and \
         len(dropped) == (pack.get("dropped") or {}).get("rows") and not set(dropped) & set(digest_of)
     claims.append(("data counts", counts_ok, f"{len(digest_of):,} kept and {len(dropped):,} dropped documents, as "
@@ -210,6 +225,11 @@ def check_pack(release: Path, attested: dict) -> list[Claim]:
     claims.append(("data order", ok, "order.txt is the attested training order" if ok else
                    f"order.txt sha256 {order_sha[:12]}... but attested {str(attested.get('order_sha256'))[:12]}..."))
     order = rel.pack_order.read_text(encoding="utf-8").splitlines()
+    seed = attested.get("seed")
+    rule = [d for _, d in sorted((order_key(seed, d, k), d) for d, n in repeats.items() for k in range(n))]
+    claims.append(("data order rule", rule == order, f"order.txt sorts the training documents by sha256(seed {seed}, "
+                   "id, repeat), as the data stage does" if rule == order else
+                   "order.txt is not the training documents sorted by sha256(seed, id, repeat)"))
     stray = next((d for d in order if split_of.get(d) != "train"), None)
     if stray is not None:
         return claims + [("data merkle root", False, f"order.txt names {stray}, not a kept training document")]

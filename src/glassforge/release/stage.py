@@ -96,6 +96,19 @@ def _copy_carried(tmp: Path, carried: list[dict]) -> None:
             copy_file(c["source"] / name, dest / name)
 
 
+def _build_trace_index(run: Run, recipe, out: Path) -> dict:
+    """The trace index, in `[release] trace_shards` shards built on the data stage's executor."""
+    shards = recipe.release.trace_shards
+    if shards < 1:
+        raise UserError(f"release.trace_shards: must be >= 1, got {shards}")
+    if shards == 1:
+        return build_index(run, out)
+    from glassforge.data.executor import make_executor
+
+    with make_executor(recipe.data.executor, recipe.data.workers, recipe.data.ray_address) as executor:
+        return build_index(run, out, shards=shards, executor=executor)
+
+
 @hashing_once()  # the card, the manifest and the checkpoint chain each ask for the same weights' hash
 def run_release(run: Run, sign_key: Path | None = None) -> dict:
     """Assemble RUN/release/: the model in Hugging Face layout, cards, manifest and attestation.
@@ -133,13 +146,16 @@ def run_release(run: Run, sign_key: Path | None = None) -> dict:
         _copy_carried(tmp, carried)
         pack = write_pack(run, tmp)
         write_croissant(run, tmp, pack)
-        build_index(run, out.trace)  # after tokenizer.json is in place: the index records its hash
+        # After tokenizer.json is in place: the index records its hash.
+        trace_info = _build_trace_index(run, recipe, out.trace)
         trace_sha = folder_sha256(out.trace)
         files = file_manifest(tmp, exclude=(out.manifest.name, *out.signed_files))
         atomic_write_json(out.manifest, {"glassforge_version": __version__, "recipe_sha256": recipe.hash(),
                                          "weights_from": stage, "files": files})
         predicate = attestation_predicate(run, [{k: c[k] for k in ("stage", "step", "folder")} for c in carried],
-                                          pack, sha256_file(out.manifest), trace_sha)
+                                          pack, sha256_file(out.manifest), trace_sha,
+                                          [{k: s[k] for k in ("folder", "index_sha256")}
+                                           for s in trace_info.get("shards", [])])
         released["sha256"] = files[WEIGHTS]["sha256"]
         stmt = statement(released["sha256"], predicate)
         why = validate_statement(stmt)

@@ -30,12 +30,25 @@ same index, byte for byte (build times are returned, not stored).
 Build limits: pydivsufsort sorts the stream as bytes, 4 bytes of working memory
 per byte (8 past 2**31 bytes), so a single index is practical up to about a
 billion tokens on a machine with tens of GiB.
+
+Past that, the index is sharded (`[release] trace_shards = K`): the training
+stream is cut at document ends into K runs of about equal tokens, each run
+gets an index of its own in `trace/shard-NNN/` (the layout above, built by its
+own task on the data stage's executor: in this process, local processes or
+Ray tasks, since shards share nothing), and `trace/index.json` becomes the
+list of shards (format `glassforge-trace-sharded/1`): for each, its folder,
+first token and first document in the whole stream, and the sha256 of its own
+index.json, which holds the sha256 of every file of the shard. A query fans
+out to every shard and merges (`release/trace.py`); since no document
+straddles two shards and no match crosses a document's end, the answers are
+those of one index over the whole stream (tested).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -46,9 +59,11 @@ from glassforge.core.files import AtomicFile, atomic_write_json
 from glassforge.core.hashing import sha256_file
 from glassforge.core.manifest import iter_manifest_entries
 from glassforge.core.runfolder import Run, TraceFolder
+from glassforge.data.executor import Executor
 from glassforge.tokenizer.shards import TokenStream
 
 FORMAT = "glassforge-trace/1"
+SHARDED_FORMAT = "glassforge-trace-sharded/1"
 
 
 def _sa_width(n_tokens: int) -> int:
@@ -163,12 +178,9 @@ def build_index_arrays(tokens: np.ndarray, doc_offsets: np.ndarray, documents: S
     return {**info, "build_seconds": round(time.perf_counter() - t0, 3), "sort_seconds": round(sort_seconds, 3)}
 
 
-def build_index(run: Run, out_dir: Path) -> dict:
-    """Index the training split of a run's token shards into out_dir (e.g. release/trace).
-
-    Reads the shards (train.bin, its offsets, shards.json) and the data manifest's entries; writes
-    a folder that needs nothing else at query time but the release's tokenizer.json.
-    """
+def _training_stream(run: Run) -> tuple[TokenStream, int, list[dict], dict]:
+    """The run's training stream, its <|endoftext|> id, each document's row (id, source, license, sha256), and
+    the shards' description."""
     stream = TokenStream(run, "train")
     tokens, offsets, ids = stream.tokens, stream.offsets, stream.doc_ids
     if len(offsets) != len(ids) + 1 or int(offsets[-1]) != len(tokens):
@@ -180,15 +192,90 @@ def build_index(run: Run, out_dir: Path) -> dict:
     by_id: dict[str, dict] = {}
     for entry in iter_manifest_entries(run):
         if entry["id"] in wanted and entry.get("status", "kept") == "kept":
-            by_id.setdefault(entry["id"], entry)
+            by_id.setdefault(entry["id"], {k: entry.get(k) for k in ("id", "source", "license", "sha256")})
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise UserError(f"{run.data}: {len(missing)} training documents are not in the data manifest "
                         f"(first: {missing[0]})")
-    docs = [by_id[i] for i in ids]
-    info = json.loads(run.shards.read_text())
+    return stream, int(ends[0]), [by_id[i] for i in ids], json.loads(run.shards.read_text())
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Documents [first, end) of a run's training stream, to index into folder `out` (a task of the executor)."""
+
+    run_root: str
+    shard: int
+    first: int
+    end: int
+    out: str
+
+
+def build_shard(task: ShardTask) -> dict:
+    """Index one shard: its documents' tokens, offsets and rows, read from the run folder (shared storage)."""
+    run = Run(Path(task.run_root))
+    stream, eot, rows, info = _training_stream(run)
+    a, b = int(stream.offsets[task.first]), int(stream.offsets[task.end])
+    offsets = np.asarray(stream.offsets[task.first:task.end + 1], dtype=np.int64) - a
+    return build_index_arrays(np.asarray(stream.tokens[a:b]), offsets, rows[task.first:task.end], Path(task.out),
+                              eot_id=eot, tokenizer_sha256=info.get("tokenizer_sha256"),
+                              extra={"shard": task.shard, "first_token": a, "first_document": task.first})
+
+
+def shard_bounds(offsets: np.ndarray, shards: int) -> list[int]:
+    """Document numbers where K shards of about equal tokens begin (and the end): cut only at document ends."""
+    n_docs = len(offsets) - 1
+    shards = max(1, min(shards, n_docs))
+    targets = np.asarray(offsets[-1], dtype=np.float64) * np.arange(1, shards) / shards
+    cuts = np.searchsorted(offsets, targets, side="left").tolist()
+    bounds = [0]
+    for c in cuts:
+        if bounds[-1] < c < n_docs:
+            bounds.append(int(c))
+    return bounds + [n_docs]
+
+
+def write_sharded_index(out_dir: Path, built: list[dict], *, eot_id: int, tokenizer_sha256: str | None,
+                        extra: dict | None = None) -> dict:
+    """trace/index.json of a sharded index over the shard folders out_dir/shard-NNN already built (`built`: their
+    index.json contents, in stream order, each with its first_token and first_document)."""
+    folder = TraceFolder(Path(out_dir))
+    info = {
+        "format": SHARDED_FORMAT,
+        "tokens": sum(int(b["tokens"]) for b in built),
+        "documents": sum(int(b["documents"]) for b in built),
+        "eot_id": int(eot_id),
+        "tokenizer_sha256": tokenizer_sha256,
+        **(extra or {}),
+        "shards": [{"folder": folder.shard(k).name, "first_token": int(b["first_token"]),
+                    "first_document": int(b["first_document"]), "tokens": int(b["tokens"]),
+                    "documents": int(b["documents"]), "index_sha256": sha256_file(TraceFolder(folder.shard(k)).index)}
+                   for k, b in enumerate(built)],
+    }
+    atomic_write_json(folder.index, info)
+    return info
+
+
+def build_index(run: Run, out_dir: Path, shards: int = 1, executor=None) -> dict:
+    """Index the training split of a run's token shards into out_dir (e.g. release/trace).
+
+    Reads the shards (train.bin, its offsets, shards.json) and the data manifest's entries; writes
+    a folder that needs nothing else at query time but the release's tokenizer.json. With shards > 1,
+    a sharded index whose shards are built by `executor` (a `data.executor.Executor`; in order here if None).
+    """
+    stream, eot, rows, info = _training_stream(run)
     extra = {"order_sha256": info.get("order_sha256"), "shards_sha256": sha256_file(run.shards)}
-    return build_index_arrays(tokens, offsets, docs, Path(out_dir), eot_id=int(ends[0]),
-                              tokenizer_sha256=info.get("tokenizer_sha256"), extra=extra)
-
-
+    if shards <= 1:
+        return build_index_arrays(stream.tokens, stream.offsets, rows, Path(out_dir), eot_id=eot,
+                                  tokenizer_sha256=info.get("tokenizer_sha256"), extra=extra)
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    folder = TraceFolder(out_dir)
+    bounds = shard_bounds(stream.offsets, shards)
+    tasks = [ShardTask(str(run.root), k, bounds[k], bounds[k + 1], str(folder.shard(k)))
+             for k in range(len(bounds) - 1)]
+    built = list((executor or Executor()).map(build_shard, tasks))
+    info_out = write_sharded_index(out_dir, built, eot_id=eot, tokenizer_sha256=info.get("tokenizer_sha256"),
+                                   extra=extra)
+    return {**info_out, "build_seconds": round(time.perf_counter() - t0, 3),
+            "sort_seconds": round(sum(b["sort_seconds"] for b in built), 3)}

@@ -43,7 +43,7 @@ from glassforge.core.errors import UserError
 from glassforge.core.hashing import hashing_once, sha256_file
 from glassforge.core.manifest import folder_sha256, read_manifest_head
 from glassforge.core.recipe import ModelConfig, load_recipe, parse_recipe
-from glassforge.core.runfolder import OPTIMIZER, RECIPE, TRAINER, WEIGHTS, Release, Run
+from glassforge.core.runfolder import OPTIMIZER, RECIPE, TRAINER, WEIGHTS, Release, Run, TraceFolder
 from glassforge.data.checks import verify_data
 from glassforge.release.attest import PREDICATE_TYPE, STATEMENT_TYPE, check_chain, dependency_lock, validate_statement
 from glassforge.release.croissant import check_croissant
@@ -181,6 +181,12 @@ def check_attestation(release: Path, stmt: dict, manifest: dict) -> list[Claim]:
         got = folder_sha256(release / trace.get("folder", "trace"))
         claims.append(("trace index", got == trace.get("sha256"), "trace/ is the attested index" if got == trace.get("sha256")
                        else f"trace/ hashes to {_short(got)}... but attested {_short(trace.get('sha256'))}..."))
+        for shard in trace.get("shards", []):
+            index = TraceFolder(release / trace.get("folder", "trace") / shard["folder"]).index
+            have = sha256_file(index) if index.is_file() else None
+            claims.append((f"trace shard {shard['folder']}", have == shard["index_sha256"],
+                           f"{shard['folder']}/{index.name} is the attested shard" if have == shard["index_sha256"]
+                           else f"{shard['folder']}/{index.name} is {'missing' if have is None else 'not the attested one'}"))
     return claims
 
 

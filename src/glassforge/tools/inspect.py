@@ -19,7 +19,8 @@ from glassforge.train.order import DataOrder, Windows
 def _describe(entry: dict | None, doc_id: str) -> list[str]:
     if entry is None:
         return [f"document {doc_id}: not in the manifest"]
-    lines = [f"document {entry['id']}", f"  source   {entry['source']}", f"  licence  {entry['license']}",
+    lines = [f"document {entry['id']}"] + ([f"  name     {entry['name']}"] if entry.get("name") else []) + [
+             f"  source   {entry['source']}", f"  licence  {entry['license']}",
              f"  sha256   {entry['sha256']}", f"  bytes    {entry['bytes']}", f"  status   {entry['status']}"
              + (f" ({entry['split']})" if entry.get("split") else f": {entry.get('reason')}")]
     for key in ("duplicate_of", "similarity", "contaminated_by", "detail", "repeats", "tokens"):
@@ -31,7 +32,7 @@ def _describe(entry: dict | None, doc_id: str) -> list[str]:
 def inspect(run: Run, doc: str | None = None, token: int | None = None, step: int | None = None) -> str:
     """`glassforge data inspect`: a document, the document of a training token, or a training step's documents."""
     if sum(x is not None for x in (doc, token, step)) != 1:
-        raise UserError("data inspect: give exactly one of --doc ID, --token N, --step S")
+        raise UserError("data inspect: give exactly one of --doc ID (or name), --token N, --step S")
     if not run.data_manifest.is_file():
         raise UserError(f"{run.root}: no data yet; run `glassforge data {run.root}` first")
     if doc is not None:
@@ -39,7 +40,7 @@ def inspect(run: Run, doc: str | None = None, token: int | None = None, step: in
         if entry is None:
             raise UserError(f"--doc {doc}: no such document in {run.manifest_entries}")
         lines = _describe(entry, doc)
-        found = find_document(run, doc) if entry["status"] == "kept" else None
+        found = find_document(run, entry["id"]) if entry["status"] == "kept" else None
         if found is not None:
             lines += ["", found["text"]]
         return "\n".join(lines)
