@@ -129,3 +129,28 @@ def test_flops_per_token_counts_every_matmul():
     attn = d * d + 2 * d * (cfg.n_kv_heads * cfg.head_dim) + d * d
     expected = 6 * (cfg.n_layers * (attn + 3 * d * f) + d * cfg.vocab_size) + 12 * cfg.n_layers * d * 32
     assert flops_per_token(cfg, 32) == expected
+
+
+def test_sampler_controls_on_known_logits():
+    """Each control's effect on a row of known logits, and seeded draws that stay inside what it allows."""
+    from glassforge.model.sampling import Sampling, adjusted_logits, generator_for, sample
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    counts = [torch.tensor([1.0, 0.0, 0.0, 1.0])]
+    rep = adjusted_logits(logits, [Sampling(repetition_penalty=2.0)], counts)
+    assert rep.tolist() == [[1.0, 1.0, 0.0, -2.0]]  # a seen positive logit halved, a seen negative one doubled
+    pen = adjusted_logits(logits, [Sampling(presence_penalty=0.5, frequency_penalty=0.25)], [counts[0] * 2])
+    assert pen.tolist() == [[1.0, 1.0, 0.0, -2.0]]  # 2 - 0.5 - 2 x 0.25, and -1 - 0.5 - 0.5
+    assert adjusted_logits(logits, [Sampling(logit_bias={3: 5.0})]).tolist() == [[2.0, 1.0, 0.0, 4.0]]
+    assert logits.tolist() == [[2.0, 1.0, 0.0, -1.0]]  # the input is left alone
+
+    def draws(params: Sampling, n: int = 400) -> set[int]:
+        return {sample(logits, [params], [generator_for(seed)])[0] for seed in range(n)}
+
+    # softmax: 0.644, 0.237, 0.087, 0.032; min_p 0.2 keeps what is at least 0.129: tokens 0 and 1
+    assert draws(Sampling(min_p=0.2)) == {0, 1}
+    assert draws(Sampling(min_p=1.0)) == {0} == draws(Sampling(top_k=1))
+    assert draws(Sampling(top_k=3)) == {0, 1, 2} and draws(Sampling()) == {0, 1, 2, 3}
+    assert draws(Sampling(temperature=0, logit_bias={3: 5.0})) == {3}
+    same = [sample(logits, [Sampling(min_p=0.05)], [generator_for(7)])[0] for _ in range(3)]
+    assert len(set(same)) == 1  # a seed gives the same draw each time

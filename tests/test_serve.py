@@ -218,6 +218,18 @@ def test_sampling_controls(client, live):
     assert pen.choices[0].text.count("json") == 1
     freq = client.completions.create(temperature=0, logit_bias={str(tok): 1.5}, frequency_penalty=1.0, **base)
     assert freq.choices[0].text.count("json") == 2
+    # min_p and repetition_penalty come through extra_body, as vLLM takes them (their effect on known logits:
+    # tests/test_model.py). min_p 1 keeps only the top token: greedy, whatever the seed; each control keeps its seed's text
+    for extra in ({"min_p": 1.0}, {"min_p": 0.05}, {"repetition_penalty": 1.3}, {"top_k": 5}):
+        body = {**base, "extra_body": {"ignore_eos": True, **extra}}
+        texts = [client.completions.create(temperature=1.0, seed=s, **body).choices[0].text for s in (3, 3, 4)]
+        assert texts[0] == texts[1], extra
+        if extra == {"min_p": 1.0}:
+            assert texts[0] == texts[2] == greedy
+    for field, value in (("min_p", 1.5), ("repetition_penalty", 0), ("top_k", -2)):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**{**base, "extra_body": {field: value}})
+        assert e.value.body["param"] == field or field in str(e.value.body), e.value.body
 
 
 def test_response_format_json(client, live):
@@ -321,6 +333,38 @@ def test_openapi_and_health(live):
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize"):
         assert path in schema["paths"]
     assert httpx.get(f"{live.root}/health").json()["status"] == "ok"
+
+
+def test_metrics_under_vllm_names_count_each_finished_choice(random_model):
+    """vLLM's series, with its names and model_name label: one time-to-first-token per choice, one inter-token
+    gap per token after the first, finished choices by reason, the tokens, and idle gauges at rest."""
+    engine, srv = start(random_model, max_batch=4)
+    try:
+        with httpx.Client(timeout=60) as h:
+            model = h.get(f"{srv.base}/models").json()["data"][0]["id"]
+            r = h.post(f"{srv.base}/completions", json={"prompt": "import", "max_tokens": 5, "n": 2,
+                                                         "ignore_eos": True, "temperature": 0})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 10
+            with h.stream("POST", f"{srv.base}/chat/completions", json={
+                    "messages": MSGS, "max_tokens": 3, "ignore_eos": True, "stream": True}) as stream:
+                assert sse_events(stream.iter_lines())[-1] == "[DONE]"
+        m = metrics_of(srv.root)
+        lab = f'model_name="{model}"'
+        assert m[f"vllm:time_to_first_token_seconds_count{{{lab}}}"] == 3
+        assert m[f'vllm:time_to_first_token_seconds_bucket{{{lab},le="+Inf"}}'] == 3
+        assert m[f"vllm:inter_token_latency_seconds_count{{{lab}}}"] == 2 * 4 + 2
+        assert m[f"vllm:e2e_request_latency_seconds_count{{{lab}}}"] == 3
+        assert m[f"vllm:e2e_request_latency_seconds_sum{{{lab}}}"] >= m[f"vllm:time_to_first_token_seconds_sum{{{lab}}}"]
+        assert m[f"vllm:request_queue_time_seconds_count{{{lab}}}"] == 3
+        assert m[f'vllm:request_success_total{{{lab},finished_reason="length"}}'] == 3
+        assert m[f'vllm:request_success_total{{{lab},finished_reason="stop"}}'] == 0
+        assert m[f"vllm:generation_tokens_total{{{lab}}}"] == 13
+        assert m[f"vllm:prompt_tokens_total{{{lab}}}"] == m["glassforge_prompt_tokens_total"] > 0
+        assert m[f"vllm:num_requests_running{{{lab}}}"] == 0 and m[f"vllm:num_requests_waiting{{{lab}}}"] == 0
+        assert m[f"vllm:kv_cache_usage_perc{{{lab}}}"] == 0
+    finally:
+        srv.stop()
+        engine.close()
 
 
 def test_queue_full_is_429_and_disconnect_frees_slot(random_model):

@@ -10,6 +10,15 @@ The process's resident memory, now and at its peak (`process_resident_memory_byt
 as Prometheus's own clients name it, and `glassforge_resident_memory_peak_bytes`,
 Linux only) and the cache slots free show whether large or aborted requests leave
 anything behind: the soak test and docs/PERFORMANCE.md read them here.
+
+The same figures are also given under vLLM's names (prefix `vllm:`, label
+`model_name`), so that dashboards written for vLLM (Grafana's, most
+autoscalers') read this server unchanged: histograms of time to first token,
+inter-token latency, end-to-end latency, queue time, prefill and decode time
+per request; counters of prompt and generation tokens and of finished requests
+by `finished_reason`; gauges of running and waiting requests and of the KV
+cache in use (the share of cache slots held). Each finished sequence is
+observed once, when its request ends.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import threading
 from glassforge.serve.engine import Engine
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5)
+FINISH_REASONS = ("stop", "length", "abort", "error")
 ROUTE_LABELS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/trace",
                 "/tokenize", "/detokenize", "/tokenizer_info", "/health", "/metrics", "/openapi.json"}
 
@@ -38,13 +49,14 @@ def resident_memory() -> tuple[int, int] | None:
 
 
 class Histogram:
-    def __init__(self):
-        self.counts = [0] * len(LATENCY_BUCKETS)
+    def __init__(self, buckets: tuple = LATENCY_BUCKETS):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
         self.total = 0
         self.sum = 0.0
 
     def observe(self, v: float) -> None:
-        for i, b in enumerate(LATENCY_BUCKETS):
+        for i, b in enumerate(self.buckets):
             if v <= b:
                 self.counts[i] += 1
         self.total += 1
@@ -52,11 +64,21 @@ class Histogram:
 
     def lines(self, name: str, labels: str = "") -> list[str]:
         sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(LATENCY_BUCKETS, self.counts)]
+        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
         out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.total}')
         lab = f"{{{labels}}}" if labels else ""
         out += [f"{name}_sum{lab} {self.sum:.6f}", f"{name}_count{lab} {self.total}"]
         return out
+
+
+VLLM_HISTOGRAMS = (
+    ("time_to_first_token_seconds", "Time from submission to the first generated token."),
+    ("inter_token_latency_seconds", "Time between successive generated tokens of a sequence."),
+    ("e2e_request_latency_seconds", "Time from submission to the last token."),
+    ("request_queue_time_seconds", "Time a sequence waited for a cache slot."),
+    ("request_prefill_time_seconds", "Time from getting a cache slot to the first token."),
+    ("request_decode_time_seconds", "Time from the first token to the last."),
+)
 
 
 def _counter(name: str, kind: str, help_: str, value) -> list[str]:
@@ -66,24 +88,65 @@ def _counter(name: str, kind: str, help_: str, value) -> list[str]:
 class Metrics:
     """The server's own counters; the HTTP middleware records every request here."""
 
-    def __init__(self):
+    def __init__(self, model_name: str = ""):
         self.lock = threading.Lock()
+        self.model_name = model_name.replace("\\", "").replace('"', "")
         self.requests: dict[tuple[str, int], int] = {}
         self.latency: dict[str, Histogram] = {}
         self.ttft = Histogram()
         self.in_flight = 0
+        # vLLM's per-request histograms and finished-request counts
+        self.vllm = {name: Histogram(TOKEN_GAP_BUCKETS if name == "inter_token_latency_seconds" else LATENCY_BUCKETS)
+                     for name, _ in VLLM_HISTOGRAMS}
+        self.finished = {reason: 0 for reason in FINISH_REASONS}
 
     def record(self, route: str, status: int, seconds: float) -> None:
         with self.lock:
             self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
             self.latency.setdefault(route, Histogram()).observe(seconds)
 
-    def observe_ttft(self, seqs) -> None:
-        """Time to first token of each sequence that produced one."""
+    def observe_finished(self, seqs) -> None:
+        """Each sequence of a request that has ended: its times and its finish reason."""
         with self.lock:
             for s in seqs:
+                h = self.vllm
                 if s.first_token_at is not None:
                     self.ttft.observe(s.first_token_at - s.submitted)
+                    h["time_to_first_token_seconds"].observe(s.first_token_at - s.submitted)
+                for gap in s.token_gaps:
+                    h["inter_token_latency_seconds"].observe(gap)
+                end = s.finished_at if s.finished_at is not None else s.last_token_at
+                if end is not None:
+                    h["e2e_request_latency_seconds"].observe(end - s.submitted)
+                if s.admitted_at is not None:
+                    h["request_queue_time_seconds"].observe(s.admitted_at - s.submitted)
+                    if s.first_token_at is not None:
+                        h["request_prefill_time_seconds"].observe(s.first_token_at - s.admitted_at)
+                        if end is not None:
+                            h["request_decode_time_seconds"].observe(end - s.first_token_at)
+                reason = s.finish_reason if s.finish_reason in self.finished else "abort"
+                self.finished[reason] += 1
+
+    def _vllm_lines(self, engine: Engine) -> list[str]:
+        s, label = engine.stats, f'model_name="{self.model_name}"'
+        lines = []
+        for name, help_ in VLLM_HISTOGRAMS:
+            lines += [f"# HELP vllm:{name} {help_}", f"# TYPE vllm:{name} histogram"]
+            lines += self.vllm[name].lines(f"vllm:{name}", label)
+        for name, help_, value in (("prompt_tokens_total", "Prompt tokens prefilled.", s["prompt_tokens"]),
+                                   ("generation_tokens_total", "Tokens generated.", s["completion_tokens"])):
+            lines += [f"# HELP vllm:{name} {help_}", f"# TYPE vllm:{name} counter", f"vllm:{name}{{{label}}} {value}"]
+        lines += ["# HELP vllm:request_success_total Finished requests (choices) by finish reason.",
+                  "# TYPE vllm:request_success_total counter"]
+        lines += [f'vllm:request_success_total{{{label},finished_reason="{r}"}} {n}' for r, n in self.finished.items()]
+        slots = engine.max_batch
+        for name, help_, value in (
+                ("num_requests_running", "Sequences in the running batch.", engine.batch_size),
+                ("num_requests_waiting", "Sequences waiting for a cache slot.", engine.queue_depth),
+                ("kv_cache_usage_perc", "Share of KV-cache slots in use (0 to 1).",
+                 round((slots - len(engine.free_slots)) / slots, 6) if slots else 0)):
+            lines += [f"# HELP vllm:{name} {help_}", f"# TYPE vllm:{name} gauge", f"vllm:{name}{{{label}}} {value}"]
+        return lines
 
     def render(self, engine: Engine) -> str:
         s = engine.stats
@@ -114,6 +177,8 @@ class Metrics:
                  s["cancelled"]),
                 ("glassforge_cache_slots_free", "gauge", "Cache slots no sequence holds.", len(engine.free_slots))):
             lines += _counter(name, kind, help_, value)
+        with self.lock:
+            lines += self._vllm_lines(engine)
         memory = resident_memory()
         if memory is not None:
             lines += _counter("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", memory[0])

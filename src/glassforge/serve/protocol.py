@@ -120,6 +120,12 @@ class SamplingFields(Body):
     top_k: int | None = Field(None, ge=-1, le=MAX_INT,
                               description="extension: sample from the k most likely tokens (0 or -1: all; at most "
                                           "the vocabulary)")
+    min_p: float | None = Field(None, ge=0, le=1,
+                                description="extension: drop tokens below min_p times the top token's probability")
+    repetition_penalty: float | None = Field(None, gt=0, le=2,
+                                             description="extension: CTRL's penalty on tokens already generated (a "
+                                                         "positive logit divided by it, a negative one multiplied; "
+                                                         "1: none)")
     n: int | None = Field(1, ge=1, le=16)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: Stop = Field(None, description="a string or a list of strings, excluded from the output")

@@ -257,7 +257,7 @@ class Server:
         self.limits = limits or Limits()
         self.work = Work(self.limits.work_threads)
         self.stream_interval = stream_interval  # seconds: streamed events reach the event loop at most this often
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(model_name)
         self.created = int(time.time())
         self._tracer = None
         self._tracer_lock = threading.Lock()
@@ -328,6 +328,8 @@ class Server:
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=max(req.top_k or 0, 0),
+            min_p=req.min_p or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             seed=req.seed,
             stop=stop_list(req.stop, self.limits),
             ignore_eos=bool(req.ignore_eos),
@@ -365,7 +367,7 @@ class Server:
             return self.stream({**base, "object": choices.chunk_object}, choices, req.include_usage,
                                prompt_tokens, bool(req.trace), delivery, seqs, len(requests), request_id(request))
         merged = await self.collect(request, delivery, seqs, len(requests))
-        self.metrics.observe_ttft(seqs)
+        self.metrics.observe_finished(seqs)
         out = []
         for i in range(len(requests)):
             choice = choices.whole(merged[i])
@@ -430,7 +432,7 @@ class Server:
                         if trace:
                             choice["trace"] = await self.trace_text(texts[ev.index])
                         yield sse({**base, "choices": [choice], **extra})
-                self.metrics.observe_ttft(seqs)
+                self.metrics.observe_finished(seqs)
                 if include_usage:
                     yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
                 yield "data: [DONE]\n\n"
