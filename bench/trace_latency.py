@@ -1,6 +1,10 @@
 """Trace index: build speed and query latency, on a synthetic corpus and on a real release.
 
     flock /tmp/gf-cpu.lock .venv/bin/python bench/trace_latency.py --tokens 100000000
+    flock /tmp/gf-cpu.lock .venv/bin/python bench/trace_latency.py --tokens 0 --release RUN --shards 4
+
+`--shards K` builds the real index in K document-aligned shards (one worker process per core) and
+queries it as one; the same command with `--shards 1` is the single index to compare against.
 
 Synthetic corpus: documents of log-normal length (median ~500 tokens) drawn from a Zipf(1.0)
 unigram distribution over a 32,000-token vocabulary, 2% of documents pasted with a passage copied
@@ -207,7 +211,7 @@ def infinigram_peer(tokens, offsets, workdir: Path, queries: dict, index: TraceI
 # ----------------------------------------------------------------------------------- real release
 
 
-def real_release(arg: str | None, workdir: Path) -> tuple[Path, str, float | None]:
+def real_release(arg: str | None, workdir: Path, shards: int = 1) -> tuple[Path, str, float | None]:
     """A release folder with trace/ and tokenizer.json, given or built from a recipe's data stages, and the
     index's build time when it was built here."""
     from glassforge.core.recipe import builtin_recipes, dump_recipe, load_recipe
@@ -241,7 +245,13 @@ def real_release(arg: str | None, workdir: Path) -> tuple[Path, str, float | Non
     rel = workdir / "release"
     rel.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run.tokenizer / "tokenizer.json", rel / "tokenizer.json")
-    info = build_index(run, rel / "trace")
+    if shards > 1:  # document-aligned shards, each sorted by its own worker process
+        from glassforge.data.executor import ProcessExecutor
+
+        with ProcessExecutor() as executor:
+            info = build_index(run, rel / "trace", shards=shards, executor=executor)
+    else:
+        info = build_index(run, rel / "trace")
     rel.joinpath(".run").write_text(str(run.root))
     return rel, label, info["build_seconds"]
 
@@ -278,6 +288,8 @@ def main() -> int:
     p.add_argument("--release", help="a release (with trace/), run folder or recipe name for the real-data part "
                                      "(default: the default recipe's data stages, else tiny's)")
     p.add_argument("--no-infinigram", action="store_true")
+    p.add_argument("--shards", type=int, default=1, help="build the real index in this many shards (one process "
+                                                          "per core), queried as one")
     p.add_argument("--cpus", type=int, default=2, help="threads the infini-gram indexer may use")
     p.add_argument("--workdir", help="where to put indexes (default: a temp folder, removed)")
     args = p.parse_args()
@@ -330,7 +342,7 @@ def main() -> int:
             del index, tokens, offsets
             shutil.rmtree(workdir / "synthetic", ignore_errors=True)
 
-        rel, label, build_s = real_release(args.release, workdir)
+        rel, label, build_s = real_release(args.release, workdir, args.shards)
         tracer = Tracer(rel / "trace")
         meta = tracer.index.meta
         real = {"release": label, "tokens": meta["tokens"], "documents": meta["documents"],

@@ -390,3 +390,37 @@ def test_cli_verify_exit_codes(run_root, tmp_path, capsys):
     assert main(["verify", str(run_root / "release"), "--public-key", str(pub)]) == 1  # not signed
     assert main(["verify", str(run_root / "release"), "--public-key", str(tmp_path / "none.pub")]) == 2
     assert "--public-key" in capsys.readouterr().err
+
+
+def test_a_release_with_a_sharded_trace_index_attests_and_checks_each_shard(run_root, tmp_path):
+    """[release] trace_shards = 3: the release's trace/ holds three shards built by two worker processes, the
+    attestation lists each shard's index hash, verify passes, traces equal the single index's, and a changed
+    shard is named."""
+    import tomllib
+
+    import tomli_w
+
+    from glassforge.core.runfolder import Run
+    from glassforge.release.stage import run_release
+    from glassforge.release.trace import Tracer
+    from glassforge.release.verify import verify_release
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_root, copy, ignore=shutil.ignore_patterns("release"))
+    recipe = tomllib.loads((copy / "recipe.toml").read_text())
+    recipe["release"] = {"trace_shards": 3}
+    recipe["data"].update(executor="processes", workers=2)
+    (copy / "recipe.toml").write_text(tomli_w.dumps(recipe))
+    run_release(Run(copy))
+    rel = copy / "release"
+    shards = json.loads((rel / "attestation.json").read_text())["predicate"]["trace_index"]["shards"]
+    assert [s["folder"] for s in shards] == ["shard-000", "shard-001", "shard-002"]
+    claims = verify_release(rel)
+    assert not failures(claims) and sum(n.startswith("trace shard ") for n, _, _ in claims) == 3
+    text = _pack_rows(rel)[5]["text"][:200]
+    one, many = Tracer(run_root / "release" / "trace").trace(text), Tracer(rel / "trace").trace(text)
+    one.pop("elapsed_ms"), many.pop("elapsed_ms")
+    assert one == many and one["spans"]
+    _flip_byte(rel / "trace" / "shard-001" / "sa.bin", 7)
+    failed = failures(verify_release(rel))
+    assert "file trace/shard-001/sa.bin" in failed and "trace index" in failed
