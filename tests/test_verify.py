@@ -288,6 +288,30 @@ def test_a_consistent_forgery_fails_the_replay(run_root, tmp_path):
     assert distance > 4 * noise > 0
 
 
+def test_a_reordered_training_order_fails_the_order_rule_even_with_every_hash_recomputed(run_root, tmp_path):
+    """Two lines of order.txt swapped, and the order's hash and the Merkle roots recomputed in the attestation:
+    the order is still not the ids sorted by sha256(seed, id, repeat), and verify --data says so."""
+    from glassforge.core.hashing import sha256_file
+    from glassforge.core.merkle import order_roots
+    from glassforge.release.verify import verify_release
+
+    rel = copy_release(run_root, tmp_path / "release")
+    path = rel / "data" / "order.txt"
+    order = path.read_text().splitlines()
+    order[0], order[1] = order[1], order[0]
+    path.write_text("".join(d + "\n" for d in order))
+    rows = _pack_rows(rel)
+    stmt = json.loads((rel / "attestation.json").read_text())
+    data = stmt["predicate"]["data"]
+    roots = order_roots(order, {r["id"]: bytes.fromhex(r["sha256"]) for r in rows},
+                        {r["id"]: r["source_name"] for r in rows}, list(data["source_merkle_roots"]))
+    data.update(order_sha256=sha256_file(path), mix_merkle_root=roots["mix"], source_merkle_roots=roots["sources"])
+    (rel / "attestation.json").write_text(json.dumps(stmt, indent=2, sort_keys=True) + "\n")
+    failed = failures(verify_release(rel, data=True))
+    assert "data order rule" in failed and "sorted by sha256(seed, id, repeat)" in failed["data order rule"]
+    assert "data order" not in failed and "data merkle root" not in failed  # the recomputed hashes agree
+
+
 def test_a_changed_pack_document_fails_naming_it(run_root, tmp_path, capsys):
     from glassforge.cli import main
 

@@ -41,7 +41,9 @@ Claim = tuple[str, bool, str]
 CONFORMS_TO = ["http://mlcommons.org/croissant/1.1", "http://mlcommons.org/croissant/RAI/1.0"]
 TEXT, INT, FLOAT = "TEXT", "INTEGER", "FLOAT"  # names of mlcroissant.DataType's schema.org types
 DOCUMENT_FIELDS = [
-    ("id", TEXT, "the document's id: {source name}:{where in the source}"),
+    ("id", TEXT, "the document's content address: {source name}:{first 24 hex digits of "
+                 "sha256(name, newline, sha256)}"),
+    ("name", TEXT, "where the document is in its source: {source name}:{module.qualname or path[#record]}"),
     ("split", TEXT, "train or val, a function of the document's hash"),
     ("text", TEXT, "the cleaned UTF-8 text the tokenizer and the model read"),
     ("sha256", TEXT, "sha256 of the text's UTF-8 bytes: the document's Merkle leaf"),
@@ -53,14 +55,15 @@ DOCUMENT_FIELDS = [
     ("license", TEXT, "the licence of its source"),
 ]
 DROPPED_FIELDS = [
-    ("id", TEXT, "the document's id"),
+    ("id", TEXT, "the document's content address"),
+    ("name", TEXT, "where the document is in its source"),
     ("source", TEXT, "URI of the document in its source"),
     ("source_name", TEXT, "the recipe's name of its source"),
     ("license", TEXT, "the licence of its source"),
     ("sha256", TEXT, "sha256 of the cleaned text (none where there was no text)"),
     ("bytes", INT, "length of the cleaned text in UTF-8 bytes"),
     ("reason", TEXT, "why it was dropped (see rai:dataPreprocessingProtocol)"),
-    ("duplicate_of", TEXT, "the kept document it duplicates (exact or near duplicates)"),
+    ("duplicate_of", TEXT, "the lowest id of its duplicate group (exact or near duplicates)"),
     ("similarity", FLOAT, "estimated Jaccard similarity to duplicate_of (near duplicates)"),
     ("contaminated_by", TEXT, "the evaluation sets it shares an n-gram with (contaminated)"),
     ("detail", TEXT, "more about the reason, where there is more"),
