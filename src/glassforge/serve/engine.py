@@ -72,6 +72,7 @@ from glassforge.serve.types import (
     QueueFull,
     SamplingParams,
     Sink,
+    Timing,
     TokenLogprob,
     internal_error_message,
 )
@@ -109,13 +110,7 @@ class Sequence:
         self.counts: torch.Tensor | None = None  # how often each token was generated, for the penalties
         self.matcher = matcher  # llguidance matcher when params.grammar is set
         self.generator = generator_for(params.seed, index)
-        self.submitted = time.perf_counter()
-        self.admitted_at: float | None = None  # given a cache slot: its queue time ends
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
-        self.token_gaps: list[float] = []  # seconds between successive tokens (inter-token latency)
-        self.finished_at: float | None = None
-        self.finish_reason: str | None = None
+        self.timing = Timing(time.perf_counter())
 
     @property
     def position(self) -> int:
@@ -419,7 +414,7 @@ class Engine:
             admitted = time.perf_counter()
             for s in group:
                 s.slot = self.free_slots.pop()
-                s.admitted_at = admitted
+                s.timing.admitted = admitted
             batch.append(group)
             tokens += T
             if alone:
@@ -508,11 +503,7 @@ class Engine:
         for s, c in zip(seqs, chosen):
             if c is None:
                 continue
-            if s.first_token_at is None:
-                s.first_token_at = now
-            else:
-                s.token_gaps.append(now - s.last_token_at)
-            s.last_token_at = now
+            s.timing.token(now)
             try:
                 self._append(s, c[0], c[1], prompt_lp)
             except Exception as e:  # noqa: BLE001 - detokenizing, stops, grammar: this sequence's own
@@ -596,7 +587,7 @@ class Engine:
     def _finish(self, s: Sequence, reason: str, prompt_lp=None, error: str | None = None) -> None:
         if s.done:
             return
-        s.finished_at, s.finish_reason = time.perf_counter(), ("error" if error is not None else reason)
+        s.timing.finished, s.timing.finish_reason = time.perf_counter(), ("error" if error is not None else reason)
         text = s.out.rest()
         self._release(s)
         self._emit(s, "" if error is not None else text, prompt_lp, finish=reason, error=error)

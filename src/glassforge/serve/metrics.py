@@ -30,8 +30,8 @@ from glassforge.serve.engine import Engine
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5)
 FINISH_REASONS = ("stop", "length", "abort", "error")
-ROUTE_LABELS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/trace",
-                "/tokenize", "/detokenize", "/tokenizer_info", "/health", "/metrics", "/openapi.json"}
+ROUTE_LABELS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings",
+                "/v1/trace", "/tokenize", "/detokenize", "/tokenizer_info", "/health", "/metrics", "/openapi.json"}
 
 
 def route_label(path: str) -> str:
@@ -108,23 +108,23 @@ class Metrics:
     def observe_finished(self, seqs) -> None:
         """Each sequence of a request that has ended: its times and its finish reason."""
         with self.lock:
-            for s in seqs:
-                h = self.vllm
-                if s.first_token_at is not None:
-                    self.ttft.observe(s.first_token_at - s.submitted)
-                    h["time_to_first_token_seconds"].observe(s.first_token_at - s.submitted)
-                for gap in s.token_gaps:
+            h = self.vllm
+            for t in (s.timing for s in seqs):
+                if t.first_token is not None:
+                    self.ttft.observe(t.first_token - t.submitted)
+                    h["time_to_first_token_seconds"].observe(t.first_token - t.submitted)
+                for gap in t.token_gaps:
                     h["inter_token_latency_seconds"].observe(gap)
-                end = s.finished_at if s.finished_at is not None else s.last_token_at
+                end = t.finished if t.finished is not None else t.last_token
                 if end is not None:
-                    h["e2e_request_latency_seconds"].observe(end - s.submitted)
-                if s.admitted_at is not None:
-                    h["request_queue_time_seconds"].observe(s.admitted_at - s.submitted)
-                    if s.first_token_at is not None:
-                        h["request_prefill_time_seconds"].observe(s.first_token_at - s.admitted_at)
+                    h["e2e_request_latency_seconds"].observe(end - t.submitted)
+                if t.admitted is not None:
+                    h["request_queue_time_seconds"].observe(t.admitted - t.submitted)
+                    if t.first_token is not None:
+                        h["request_prefill_time_seconds"].observe(t.first_token - t.admitted)
                         if end is not None:
-                            h["request_decode_time_seconds"].observe(end - s.first_token_at)
-                reason = s.finish_reason if s.finish_reason in self.finished else "abort"
+                            h["request_decode_time_seconds"].observe(end - t.first_token)
+                reason = t.finish_reason if t.finish_reason in self.finished else "abort"
                 self.finished[reason] += 1
 
     def _vllm_lines(self, engine: Engine) -> list[str]:

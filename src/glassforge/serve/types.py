@@ -54,6 +54,26 @@ class SamplingParams(Sampling):
 
 
 @dataclass
+class Timing:
+    """When a sequence was submitted, given a cache slot, made each token and finished: what /metrics reports."""
+
+    submitted: float
+    admitted: float | None = None  # given a cache slot: its queue time ends
+    first_token: float | None = None
+    last_token: float | None = None
+    token_gaps: list[float] = field(default_factory=list)  # seconds between successive tokens
+    finished: float | None = None
+    finish_reason: str | None = None
+
+    def token(self, now: float) -> None:
+        if self.first_token is None:
+            self.first_token = now
+        else:
+            self.token_gaps.append(now - self.last_token)
+        self.last_token = now
+
+
+@dataclass
 class TokenLogprob:
     """One token with its log-probability and, when asked for, the k most likely tokens at its position."""
 
