@@ -702,3 +702,67 @@ def test_schemathesis_finds_no_server_errors(live):
                         "--max-examples", "25", "--phases", "coverage,fuzzing", "--seed", "1"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ /v1/responses
+
+
+def test_responses_create_is_the_chat_completion_of_the_same_messages(client, live):
+    chat = client.chat.completions.create(model=live.model, messages=[
+        {"role": "system", "content": "Answer briefly."}, *MSGS], max_tokens=8, temperature=0)
+    r = client.responses.create(model=live.model, instructions="Answer briefly.", input=MSGS[0]["content"],
+                                max_output_tokens=8, temperature=0)
+    assert r.object == "response" and r.id.startswith("resp_") and r.output[0].type == "message"
+    assert r.output_text == chat.choices[0].message.content
+    assert r.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens == chat.usage.completion_tokens
+    assert r.store is False
+    as_messages = client.responses.create(model=live.model, input=[
+        {"role": "system", "content": "Answer briefly."},
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": MSGS[0]["content"]}]}],
+        max_output_tokens=8, temperature=0)
+    assert as_messages.output_text == r.output_text
+    seeded = [client.responses.create(model=live.model, input="import", max_output_tokens=6, temperature=1.0,
+                                      extra_body={"seed": 11}).output_text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_responses_stream_events_add_up_to_the_response(client, live):
+    whole = client.responses.create(model=live.model, input="hello", max_output_tokens=6, temperature=0)
+    with client.responses.stream(model=live.model, input="hello", max_output_tokens=6, temperature=0) as stream:
+        events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed" if whole.status == "completed" else "response.incomplete"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-4].text == whole.output_text
+    assert events[-1].response.output[0].content[0].text == whole.output_text
+
+
+def test_responses_json_schema_completes_and_parses(client, live):
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "additionalProperties": False, "required": ["n"],
+              "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    fmt = {"format": {"type": "json_schema", "name": "digit", "schema": schema, "strict": True}}
+    with client.responses.stream(model=live.model, input="a digit", text=fmt, temperature=1.0,
+                                 extra_body={"seed": 3}) as stream:
+        final = stream.get_final_response()
+    assert final.status == "completed" and json.loads(final.output_text)["n"] in range(10)
+    r = client.responses.create(model=live.model, input="a digit", text=fmt, temperature=1.0, extra_body={"seed": 3})
+    assert r.output_text == final.output_text
+
+
+def test_responses_refuses_what_needs_stored_state_or_tools(client, live):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=live.model, input="hi", previous_response_id="resp_123")
+    assert e.value.body["param"] == "previous_response_id" and "stateless" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=live.model, input="hi", tools=[{"type": "function", "name": "f",
+                                                                      "parameters": {"type": "object"}}])
+    assert e.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=live.model, input="hi", max_output_tokens=0)
+    assert "max_output_tokens" in str(e.value.body)

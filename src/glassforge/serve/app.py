@@ -2,7 +2,7 @@
 
 Routes (routes/): `GET /v1/models`, `POST /v1/completions`,
 `POST /v1/chat/completions`, `POST /v1/embeddings` (openai.py),
-`POST /v1/trace` (trace.py), the tokenizer routes that lm-evaluation-harness
+`POST /v1/responses` (responses.py, stateless), `POST /v1/trace` (trace.py), the tokenizer routes that lm-evaluation-harness
 probes, `/tokenize`, `/detokenize`, `/tokenizer_info` (tokenizer.py), and
 `GET /health` and `GET /metrics` in Prometheus's text format (ops.py); the web
 page (web.py) is mounted beside them by `serve`. The wire format is
@@ -46,7 +46,7 @@ from glassforge.serve.engine import Engine
 from glassforge.serve.guard import Guard, HostCheck, http_protocol
 from glassforge.serve.limits import Limits
 from glassforge.serve.protocol import APIError, error_body
-from glassforge.serve.routes import openai, ops, tokenizer, trace
+from glassforge.serve.routes import openai, ops, responses, tokenizer, trace
 from glassforge.serve.serving import Server, stream_interval_seconds
 from glassforge.serve.web import mount
 
@@ -107,7 +107,7 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    for api in (ops, openai, tokenizer, trace):
+    for api in (ops, openai, responses, tokenizer, trace):
         app.include_router(api.router)
     app.add_middleware(Guard, api_key=api_key, metrics=server.metrics, limits=limits,
                        hosts=HostCheck(allowed_hosts))

@@ -229,3 +229,55 @@ def chat_logprobs(entries: list[TokenLogprob]) -> dict:
         d["top_logprobs"] = [item(t, lp) for _, t, lp in (e.top or [])]
         content.append(d)
     return {"content": content, "refusal": None}
+
+
+# --- the Responses API (stateless) -----------------------------------------------------------
+
+
+class InputText(Strict):
+    type: Literal["input_text", "output_text"]
+    text: str
+    annotations: list | None = None  # an earlier answer's output_text, sent back as input, carries them
+
+
+class InputMessage(Strict):
+    type: Literal["message"] | None = None
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[InputText]
+    id: str | None = None
+    status: str | None = None
+
+
+class TextFormat(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(Strict):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ResponsesRequest(Body):
+    model: str | None = None
+    input: str | list[InputMessage] = Field(..., description="a text, or messages")
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=MAX_INT)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    text: TextConfig | None = None
+    stream: bool | None = False
+    previous_response_id: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="extension: reproducible sampling")
