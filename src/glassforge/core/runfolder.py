@@ -258,6 +258,9 @@ class PartFiles:
     def kept_documents(self, i: int) -> Path:
         return self.root / f"part-{i:06d}.kept.documents.jsonl"
 
+    # every part's final entries in part order, before write_data_manifest streams them into manifest.jsonl
+    merged_entries = property(lambda self: self.root / "merged.entries.jsonl")
+
     # the near-duplicate search's inputs, one row per eligible document (see data/dedup.py BandTask)
     near_keys = property(lambda self: self.root / "near.keys.npy")
     near_ranks = property(lambda self: self.root / "near.ranks.npy")

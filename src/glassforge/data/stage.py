@@ -194,7 +194,7 @@ def _write(run: Run, work: PartFiles, parts, live: _Live, decisions, st: _Summar
         dup = tuple(str(live.ids[r]) if r >= 0 else None for r in rep[a:b].tolist())
         tasks.append(FinishTask(i, str(work.root), src.name, src.weight, st.recipe.seed,
                                 tuple(code[a:b].tolist()), dup, tuple(similarity[a:b].tolist())))
-    entries_path = work.root / ".entries.tmp"
+    entries_path = work.merged_entries
     with AtomicFile(run.documents, "wb") as docs_out, open(entries_path, "wb") as entries_out:
         for i, result in enumerate(tqdm(executor.map(finish_part, tasks), total=len(tasks), desc="data: writing",
                                         unit="part", leave=False)):
