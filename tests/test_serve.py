@@ -278,9 +278,8 @@ def test_context_overflow_is_400(client, live):
 
 def test_unsupported_and_invalid_parameters(client, live):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=live.model, messages=MSGS, tools=[{"type": "function", "function": {
-            "name": "f", "parameters": {}}}])
-    assert e.value.param == "tools" and "tools" in e.value.message
+        client.chat.completions.create(model=live.model, messages=MSGS, functions=[{"name": "f", "parameters": {}}])
+    assert e.value.param == "functions" and "functions" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=live.model, prompt="x", suffix="y")
     assert e.value.param == "suffix"
@@ -755,14 +754,10 @@ def test_responses_json_schema_completes_and_parses(client, live):
     assert r.output_text == final.output_text
 
 
-def test_responses_refuses_what_needs_stored_state_or_tools(client, live):
+def test_responses_refuses_what_needs_stored_state(client, live):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=live.model, input="hi", previous_response_id="resp_123")
     assert e.value.body["param"] == "previous_response_id" and "stateless" in e.value.body["message"]
-    with pytest.raises(openai.BadRequestError) as e:
-        client.responses.create(model=live.model, input="hi", tools=[{"type": "function", "name": "f",
-                                                                      "parameters": {"type": "object"}}])
-    assert e.value.body["param"] == "tools"
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=live.model, input="hi", max_output_tokens=0)
     assert "max_output_tokens" in str(e.value.body)

@@ -34,7 +34,7 @@ BAD = [
     ("text over the limit", "/v1/completions", {"prompt": "x" * 5000}, {}, 400),
     ("stop over the limit", "/v1/completions", {"prompt": "x", "stop": ["s"] * 65}, {}, 400),
     ("foreign host", "/v1/models", None, {"host": "rebind.example"}, 403),
-    ("unknown parameter", "/v1/chat/completions", {"messages": MSGS, "tools": []}, {}, 400),
+    ("unknown parameter", "/v1/chat/completions", {"messages": MSGS, "functions": []}, {}, 400),
     ("context overflow", "/v1/chat/completions", {"messages": MSGS, "max_tokens": 100000}, {}, 400),
 ]
 

@@ -44,5 +44,52 @@ def test_our_chat_rendering_equals_transformers(random_model):
 
 
 def test_unknown_role_is_rejected():
-    with pytest.raises(UserError, match="unknown role: tool"):
-        render_chat([{"role": "tool", "content": "x"}])
+    with pytest.raises(UserError, match="unknown role: robot"):
+        render_chat([{"role": "robot", "content": "x"}])
+
+
+def test_a_conversation_without_tools_renders_as_before_tools_existed():
+    # the bytes every earlier build fine-tuned on: the template's tool support must not change them
+    assert render_chat(CONVERSATION) == ("<|system|>\nBe brief.<|end|>\n<|user|>\nWhat does os.path.join do?<|end|>\n"
+                                         "<|assistant|>\nIt joins paths.\n\nWith '/'.<|end|>\n<|user|>\nThanks<|end|>\n"
+                                         "<|assistant|>\n")
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> & 'here', in °C",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+WITH_CALLS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris and Lyon?"},
+    {"role": "assistant", "content": None, "tool_calls": [  # arguments as OpenAI sends them, and as a dict
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Lyon"}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "16"},
+    {"role": "assistant", "content": "Checking again.", "tool_calls": [
+        {"id": "call_3", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+    {"role": "user", "content": "Thanks"},
+]
+
+
+def test_tools_render_as_transformers_renders_them(random_model):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(random_model))
+    for gen in (True, False):
+        ours = render_chat(WITH_CALLS, gen, tools=TOOLS)
+        assert ours == hf.apply_chat_template(WITH_CALLS, tools=TOOLS, tokenize=False, add_generation_prompt=gen)
+    ours = render_chat(WITH_CALLS, tools=TOOLS)
+    assert "Weather <now> & 'here', in °C" in ours  # no HTML escaping, no ASCII escaping
+    assert ('<|assistant|>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon"}}\n</tool_call><|end|>\n') in ours
+    assert "<|user|>\n<tool_response>\n16\n</tool_response><|end|>\n" in ours
+    assert ('<|assistant|>\nChecking again.\n<tool_call>\n{"name": "get_weather", "arguments": {}}\n'
+            '</tool_call><|end|>\n') in ours
+    # a reply the template renders reads back as the same calls
+    from glassforge.serve.tools import parse_calls
+
+    reply = ours.split("<|assistant|>\n")[1].split("<|end|>")[0]
+    content, calls = parse_calls(reply, {"get_weather"})
+    assert content == "" and [c.arguments for c in calls] == ['{"city": "Paris"}', '{"city": "Lyon"}']
+

@@ -1,4 +1,4 @@
-"""Constrained decoding for `response_format` JSON, through llguidance.
+"""Constrained decoding for `response_format` JSON and tool calls (tools.py), through llguidance.
 
 llguidance is a small Rust library that builds its token tables offline from
 our tokenizer.json. A JSON schema becomes a grammar (validated against the
@@ -63,6 +63,20 @@ class Grammars:
         error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if error:
             raise UserError(f"invalid JSON schema: {error}")
+        return grammar
+
+    def lark_grammar(self, lark: str) -> str:
+        """A grammar in llguidance's Lark dialect (tool calls: tools.py), checked against the tokenizer."""
+        tokenizer = self.tokenizer()
+        import llguidance
+
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        except Exception as e:  # noqa: BLE001 - as above
+            raise UserError(f"invalid JSON schema: {e}") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+        if error:
+            raise UserError(f"invalid JSON schema: {error.strip().splitlines()[0]}")
         return grammar
 
     def matchers(self, grammar: str, n: int = 1) -> list:

@@ -3,7 +3,7 @@
 Choices that clients depend on:
 
 - Request bodies are pydantic models with `extra="forbid"`: a parameter we do
-  not implement (tools, suffix, audio, ...) is a 400 that names it, never
+  not implement (suffix, audio, ...) is a 400 that names it, never
   silently ignored. Wrong types or out-of-range values are 400s naming the
   parameter too, as OpenAI answers them (app.py turns pydantic's errors into
   those); only a body that is not JSON at all is a 422.
@@ -61,6 +61,7 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 MAX_INT = 2**31 - 1
 MAX_MESSAGES = 2048
 MAX_LOGIT_BIAS = 1024
+MAX_TOOLS = 128
 
 
 class Strict(BaseModel):
@@ -157,10 +158,51 @@ class TextPart(Strict):
     text: str
 
 
+class CalledFunction(Strict):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for a function's name
+
+
+class FunctionDefinition(Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice, None]
 
 
 class ChatRequest(SamplingFields):
@@ -170,6 +212,9 @@ class ChatRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice = None
+    parallel_tool_calls: bool | None = None
 
 
 class EmbeddingRequest(Body):
@@ -248,6 +293,38 @@ class InputMessage(Strict):
     status: str | None = None
 
 
+class FunctionCallItem(Strict):
+    """An earlier answer's function call, sent back as input."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutput(Strict):
+    """What a function call returned."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionTool(FunctionDefinition):
+    """A Responses API tool: a function, described flat (chat's has it under `function`)."""
+
+    type: Literal["function"]
+
+
+class NamedFunction(Strict):
+    type: Literal["function"]
+    name: str
+
+
 class TextFormat(Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -265,7 +342,8 @@ class TextConfig(Strict):
 
 class ResponsesRequest(Body):
     model: str | None = None
-    input: str | list[InputMessage] = Field(..., description="a text, or messages")
+    input: str | list[Union[InputMessage, FunctionCallItem, FunctionCallOutput]] = Field(
+        ..., description="a text, or messages (with function calls and their outputs)")
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -276,8 +354,8 @@ class ResponsesRequest(Body):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[FunctionTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedFunction, None] = None
     parallel_tool_calls: bool | None = None
     truncation: Literal["auto", "disabled"] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="extension: reproducible sampling")

@@ -138,19 +138,28 @@ def message_texts(messages: list[ChatMessage]) -> list[str]:
     return [m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or []) for m in messages]
 
 
-def render_messages(engine: Engine, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
-    """Chat messages as the prompt text the release's chat template makes of them."""
+def render_messages(engine: Engine, messages: list[ChatMessage], add_generation_prompt: bool,
+                    tools: list[dict] | None = None) -> str:
+    """Chat messages (and the tools they may call) as the prompt text the release's chat template makes."""
+    if tools and "tools" not in engine.chat_template:
+        raise APIError(400, "this release's chat template does not render tools (it was made before glassforge "
+                            "had tool calling); rebuild the release to use 'tools'", param="tools")
     plain = []
     for m in messages:
         content = m.content
-        if content is None:
-            content = ""
-        elif isinstance(content, list):
+        if isinstance(content, list):
             content = "".join(p.text for p in content)
         role = "system" if m.role == "developer" else m.role
-        plain.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        elif content is None:
+            message["content"] = ""
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        plain.append(message)
     try:
-        return render_chat(plain, add_generation_prompt, engine.chat_template)
+        return render_chat(plain, add_generation_prompt, engine.chat_template, tools)
     except UserError as e:
         raise APIError(400, str(e), param="messages") from None
     except Exception as e:  # a template error is the template's, reported as such
@@ -340,8 +349,8 @@ class Server:
             prompt_logprobs=prompt_logprobs,
         )
 
-    async def submit(self, request: Request, requests: list[tuple[int, list[int], SamplingParams]]
-                     ) -> tuple[Delivery, list[Sequence]]:
+    async def submit(self, request: Request, requests: list[tuple[int, list[int], SamplingParams]],
+                     grammar_param: str = "response_format") -> tuple[Delivery, list[Sequence]]:
         """Queue the sequences of one request (its route has passed them through check_prompt), their grammar
         matchers built on the work threads; their events come through the returned Delivery."""
         matchers = None
@@ -350,7 +359,7 @@ class Server:
             try:
                 matchers = await self.work.run(lambda: self.engine.grammars.matchers(grammar, len(requests)))
             except UserError as e:
-                raise APIError(400, f"response_format: {e}", param="response_format") from None
+                raise APIError(400, f"{grammar_param}: {e}", param=grammar_param) from None
         delivery = Delivery(asyncio.get_running_loop(), self.stream_interval)
         try:
             seqs = self.engine.submit(requests, delivery.sink, matchers, request_id(request))
@@ -360,9 +369,10 @@ class Server:
         return delivery, seqs
 
     async def answer(self, request: Request, req: SamplingFields, requests: list, base: dict,
-                     prompt_tokens: int, choices: Choices) -> JSONResponse | StreamingResponse:
+                     prompt_tokens: int, choices: Choices, grammar_param: str = "response_format"
+                     ) -> JSONResponse | StreamingResponse:
         """Run a request's sequences: a stream when it asked for one, else the whole answer."""
-        delivery, seqs = await self.submit(request, requests)
+        delivery, seqs = await self.submit(request, requests, grammar_param)
         if req.stream:
             return self.stream({**base, "object": choices.chunk_object}, choices, req.include_usage,
                                prompt_tokens, bool(req.trace), delivery, seqs, len(requests), request_id(request))

@@ -12,6 +12,10 @@ chat is only how an event becomes a choice (`CompletionChoices`,
 - `response_format` json_object/json_schema is constrained decoding
   (grammar.py): the reply ends when the JSON is complete. Without llguidance
   installed it is a 400 naming the parameter.
+- `tools` and `tool_choice` (tools.py): calls come back in OpenAI's shapes,
+  `finish_reason: "tool_calls"`; with `required` or a named function the
+  arguments are constrained to the tool's schema. A stream announces each
+  call (index, id, type, name) before its arguments arrive as JSON text.
 - Embeddings are the mean of the final hidden states, L2-normalised, as floats
   or base64 little-endian float32. A batch runs on the engine thread in
   pieces of about `EMBED_TOKENS_PER_CALL` tokens, so decode steps for other
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import secrets
 import time
 from typing import Any
@@ -38,6 +43,8 @@ from glassforge.serve.protocol import (
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
+    NamedToolChoice,
+    ToolChoice,
     chat_logprobs,
     legacy_logprobs,
 )
@@ -51,6 +58,7 @@ from glassforge.serve.serving import (
     server_of,
     usage,
 )
+from glassforge.serve.tools import CallParser, Piece, compile_tool_grammar, parse_calls, tool_use
 from glassforge.serve.types import Event
 
 router = APIRouter()
@@ -164,29 +172,54 @@ async def completions(req: CompletionRequest, request: Request, server: Server =
 # --- chat ----------------------------------------------------------------------------------
 
 class ChatChoices:
-    """Chat's choices: a role chunk first, content deltas, the assistant message when whole."""
+    """Chat's choices: a role chunk first, content and tool-call deltas, the assistant message when whole."""
 
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, n: int, logprobs: bool):
-        self.n, self.logprobs = n, logprobs
+    def __init__(self, n: int, logprobs: bool, tool_names: set[str] | None = None):
+        self.n, self.logprobs, self.tool_names = n, logprobs, tool_names
+        self.parsers = {j: CallParser(tool_names) for j in range(n)} if tool_names is not None else {}
 
     def opening(self) -> list[dict]:
         return [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for j in range(self.n)]
 
+    @staticmethod
+    def _delta(piece: Piece) -> dict:
+        delta: dict = {}
+        if piece.content:
+            delta["content"] = piece.content
+        if piece.deltas:
+            delta["tool_calls"] = piece.deltas
+        return delta
+
     def delta(self, ev: Event) -> dict | None:
         lp = chat_logprobs(ev.tokens) if self.logprobs and ev.tokens else None
-        if not ev.text and not lp:
+        delta = self._delta(self.parsers[ev.index].feed(ev.text)) if self.parsers else \
+            ({"content": ev.text} if ev.text else {})
+        if not delta and not lp:
             return None
-        return {"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}
+        return {"index": ev.index, "delta": delta or {"content": ""}, "logprobs": lp, "finish_reason": None}
 
     def final(self, index: int, finish_reason: str) -> dict:
-        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+        parser = self.parsers.get(index)
+        delta = self._delta(parser.finish()) if parser else {}
+        if parser and parser.calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
     def whole(self, ev: Event) -> dict:
-        return {"index": ev.index, "message": {"role": "assistant", "content": ev.text, "refusal": None},
-                "logprobs": chat_logprobs(ev.tokens) if self.logprobs else None, "finish_reason": ev.finish_reason}
+        message = {"role": "assistant", "content": ev.text, "refusal": None}
+        finish_reason = ev.finish_reason
+        if self.tool_names is not None:
+            content, calls = parse_calls(ev.text, self.tool_names)
+            message["content"] = content if content.strip() or not calls else None
+            if calls:
+                message["tool_calls"] = [{"id": c.id, "type": "function",
+                                          "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        return {"index": ev.index, "message": message,
+                "logprobs": chat_logprobs(ev.tokens) if self.logprobs else None, "finish_reason": finish_reason}
 
 
 async def response_grammar(server: Server, req: ChatRequest) -> str | None:
@@ -220,13 +253,29 @@ async def chat_completions(req: ChatRequest, request: Request, server: Server = 
     if req.trace:
         server.tracer(param="trace")
     params.grammar = await response_grammar(server, req)
-    ids = await server.encode(render_messages(engine, req.messages, True))
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    use = tool_use([t["function"] for t in tools], _choice_name(req.tool_choice), req.parallel_tool_calls,
+                   rendered=tools)
+    if use is not None:
+        server.check_text("tools", [json.dumps(tools)])
+        if use.constrained:
+            if params.grammar is not None:
+                raise APIError(400, "'response_format' cannot be combined with a 'tool_choice' that requires a "
+                                    "tool call", param="tool_choice")
+            params.grammar = await server.work.run(lambda: compile_tool_grammar(engine.grammars, use))
+    ids = await server.encode(render_messages(engine, req.messages, True, use.rendered if use else None))
     params.max_tokens = limit if limit is not None else max(engine.max_context - len(ids), 1)
     server.check_prompt(ids, params.max_tokens, "messages")
     base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": server.model_name,
             "system_fingerprint": None}
     return await server.answer(request, req, [(j, ids, params) for j in range(n)], base, len(ids),
-                               ChatChoices(n, bool(req.logprobs)))
+                               ChatChoices(n, bool(req.logprobs), use.parsed if use else None),
+                               "tools" if use and use.constrained else "response_format")
+
+
+def _choice_name(choice: ToolChoice) -> str | None:
+    """tool_choice as tools.tool_use takes it: a mode, or the named function's name."""
+    return choice.function.name if isinstance(choice, NamedToolChoice) else choice
 
 
 # --- embeddings ----------------------------------------------------------------------------
