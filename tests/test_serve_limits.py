@@ -261,10 +261,10 @@ def test_a_failed_prefill_fails_its_own_prompt_only(engine, monkeypatch):
     poison = engine.encode("json poison")
     real = engine.fast.prefill_packed
 
-    def prefill(prompts, cache, want_all):
+    def prefill(prompts, cache, want_all, starts=None):
         if any(ids == poison for ids, _ in prompts):
             raise RuntimeError("boom")
-        return real(prompts, cache, want_all)
+        return real(prompts, cache, want_all, starts)
 
     monkeypatch.setattr(engine.fast, "prefill_packed", prefill)
     got: queue.SimpleQueue = queue.SimpleQueue()

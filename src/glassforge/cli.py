@@ -138,7 +138,7 @@ def cmd_serve(args) -> int:
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("GLASSFORGE_API_KEY"),
           max_batch=args.max_batch, max_context=args.max_context, banner=args.banner,
           decode_weights=args.decode_weights, stream_interval_ms=args.stream_interval_ms, limits=limits,
-          allowed_hosts=args.allowed_host)
+          allowed_hosts=args.allowed_host, prefix_cache=False if args.no_prefix_cache else None)
     return 0
 
 
@@ -295,6 +295,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-weights", choices=("int8", "bf16", "f32"),
                    help="precision of the weights in decode steps (default: int8, or $GLASSFORGE_DECODE_WEIGHTS; "
                         "prompts are always scored in f32)")
+    s.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt whole (default: a prompt that begins as an earlier one reuses that "
+                        "beginning's keys and values; $GLASSFORGE_PREFIX_CACHE=0 also turns it off)")
     s.add_argument("--stream-interval-ms", type=float,
                    help="send a stream's tokens at most this often, its first and last at once (default: 10, "
                         "or $GLASSFORGE_STREAM_INTERVAL_MS; 0: after every decode step)")

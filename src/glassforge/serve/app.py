@@ -146,7 +146,7 @@ def serve(run: Path | str, host: str = "127.0.0.1", port: int = 8000, api_key: s
           max_batch: int = 16, max_context: int | None = None, banner: bool = False,
           max_queue: int | None = None, decode_weights: str | None = None,
           stream_interval_ms: float | None = None, limits: Limits | None = None,
-          allowed_hosts: Iterable[str] = ()) -> None:
+          allowed_hosts: Iterable[str] = (), prefix_cache: bool | None = None) -> None:
     """Load the release and serve the API and the web page until interrupted."""
     import uvicorn
 
@@ -163,7 +163,7 @@ def serve(run: Path | str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     engine = Engine(run, max_batch=max_batch, max_context=max_context, max_queue=max_queue,
-                    decode_weights=decode_weights)
+                    decode_weights=decode_weights, prefix_cache=prefix_cache)
     app = create_app(engine, api_key=api_key, stream_interval_ms=stream_interval_ms, limits=limits,
                      allowed_hosts=[host, *allowed_hosts])
     model = app.state.server.model_name

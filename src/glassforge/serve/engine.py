@@ -22,7 +22,8 @@ compiled and ahead-of-time decode steps); tokens are chosen by the one sampler
 (`glassforge.model.sampling.sample`: batched over rows with per-row parameters,
 each sequence drawing from its own generator seeded from the request's seed and
 the choice index, so a seed reproduces its output whatever shares the batch);
-text, stop strings and their holdback are text.py's; `response_format` JSON is
+text, stop strings and their holdback are text.py's; which slot a prompt goes
+to, and how much of it is cached already, prefix.py's; `response_format` JSON is
 grammar.py's (llguidance, imported only when asked for). What goes in and
 comes out is types.py's: results leave the engine as `Event`s through a
 callback the caller supplies (the server hands them to its event loop).
@@ -55,7 +56,7 @@ from glassforge.core.errors import UserError
 from glassforge.core.runfolder import Release, resolve_release
 from glassforge.model.hf import load_pretrained
 from glassforge.model.llama import KVCache
-from glassforge.model.sampling import generator_for, sample
+from glassforge.model.sampling import sample
 from glassforge.serve.fastpath import (
     DEFAULT_DECODE_WEIGHTS,
     BackgroundCompile,
@@ -65,6 +66,8 @@ from glassforge.serve.fastpath import (
     compile_settings,
 )
 from glassforge.serve.grammar import Grammars, consume
+from glassforge.serve.prefix import PrefixCache
+from glassforge.serve.sequence import Sequence, seqs_of
 from glassforge.serve.text import OutputText
 from glassforge.serve.types import (
     ContextTooLong,
@@ -72,7 +75,6 @@ from glassforge.serve.types import (
     QueueFull,
     SamplingParams,
     Sink,
-    Timing,
     TokenLogprob,
     internal_error_message,
 )
@@ -89,42 +91,14 @@ def _env_on(name: str) -> bool:
     return os.environ.get(name, "1").strip().lower() not in ("0", "off", "")
 
 
-class Sequence:
-    """One choice being generated: its tokens, text state and cache slot."""
-
-    def __init__(self, index: int, prompt_ids: list[int], params: SamplingParams, sink: Sink, group: int,
-                 text: OutputText, matcher=None, tag: str = ""):
-        self.index = index
-        self.tag = tag  # the request's id, in its error event and in the log
-        self.prompt_ids = list(prompt_ids)
-        self.params = params
-        self.sink = sink
-        self.group = group  # sequences of one prompt of one request share a prefill
-        self.slot = -1
-        self.out_ids: list[int] = []
-        self.pending: list[TokenLogprob] = []  # log-probs not yet sent
-        self.out = text
-        self.done = False
-        self.cancelled = False
-        self.first_event = True
-        self.counts: torch.Tensor | None = None  # how often each token was generated, for the penalties
-        self.matcher = matcher  # llguidance matcher when params.grammar is set
-        self.generator = generator_for(params.seed, index)
-        self.timing = Timing(time.perf_counter())
-
-    @property
-    def position(self) -> int:
-        """Position of the next token to feed (the last generated one)."""
-        return len(self.prompt_ids) + len(self.out_ids) - 1
-
-
 class Engine:
     """Continuous-batching generation over one model; thread-safe `submit`."""
 
     def __init__(self, folder: Path | str, max_batch: int = 16, max_context: int | None = None,
                  max_queue: int | None = None, dtype: torch.dtype = torch.float32,
                  decode_threads: int | None = None, decode_weights: str | None = None,
-                 compile_decode: bool | None = None, decode_aot: bool | None = None):
+                 compile_decode: bool | None = None, decode_aot: bool | None = None,
+                 prefix_cache: bool | None = None):
         if max_batch < 1:
             raise UserError(f"--max-batch {max_batch}: must be at least 1")
         self.folder = resolve_release(folder)
@@ -175,6 +149,9 @@ class Engine:
         self.compiler = BackgroundCompile(self.fast, self.cache, self.decode_threads, lambda: self._closed,
                                           compile_decode, decode_aot and max_context > 2)
         self.free_slots = list(range(max_batch - 1, -1, -1))  # popped from the end: lowest first
+        # GLASSFORGE_PREFIX_CACHE=0 (or --no-prefix-cache): every prompt prefilled whole
+        self.prefix = PrefixCache(self.cache.k.shape[1], _env_on("GLASSFORGE_PREFIX_CACHE")
+                                  if prefix_cache is None else prefix_cache)
         self.running: list[Sequence] = []
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -410,10 +387,17 @@ class Engine:
             group = [s for s in group if not s.cancelled]
             if not group:
                 continue
+            if alone:  # its every position's logits are needed: none is taken from the cache
+                first.slot = min(self.free_slots)
+            else:
+                first.slot, first.copy_from, first.cached = self.prefix.place(
+                    first.prompt_ids, self.free_slots, [s.slot for s in self.running])
+            self.free_slots.remove(first.slot)
             self.free_slots.sort(reverse=True)
             admitted = time.perf_counter()
             for s in group:
-                s.slot = self.free_slots.pop()
+                if s is not first:
+                    s.slot = self.free_slots.pop()
                 s.timing.admitted = admitted
             batch.append(group)
             tokens += T
@@ -429,13 +413,24 @@ class Engine:
         # while the decode step compiles, the thread count stays that of its graphs (they are guarded on it)
         long_prompt = tokens >= PREFILL_PARALLEL_TOKENS and self.compiler.state is not CompileState.COMPILING
         torch.set_num_threads(self.all_threads if long_prompt else self.decode_threads)
-        logits = self.fast.prefill_packed([(s.prompt_ids, s.slot) for s in firsts], self.cache, want_all)
+        for s in firsts:
+            if s.copy_from is not None:  # a running sequence's prompt begins as this one: copy that part
+                self.cache.k[:, s.slot, :, :s.cached] = self.cache.k[:, s.copy_from, :, :s.cached]
+                self.cache.v[:, s.slot, :, :s.cached] = self.cache.v[:, s.copy_from, :, :s.cached]
+        for s in seqs_of(batch):
+            self.prefix.forget(s.slot)
+        logits = self.fast.prefill_packed([(s.prompt_ids, s.slot) for s in firsts], self.cache, want_all,
+                                          [s.cached for s in firsts])
         for group in batch:  # the other choices of the same prompt: copy the cache rows
             first, T = group[0], len(group[0].prompt_ids)
             for s in group[1:]:
                 self.cache.k[:, s.slot, :, :T] = self.cache.k[:, first.slot, :, :T]
                 self.cache.v[:, s.slot, :, :T] = self.cache.v[:, first.slot, :, :T]
+            for s in group:
+                self.prefix.hold(s.slot, s.prompt_ids)
             self.stats["prompt_tokens"] += T * len(group)
+            self.stats["prefix_cache_queries"] += T
+            self.stats["prefix_cache_hits"] += first.cached
         self.stats["prefills"] += len(batch)
         self.stats["prefill_passes"] += 1
         prompt_lp = None
@@ -443,7 +438,7 @@ class Engine:
             first = firsts[0]
             prompt_lp = self._prompt_logprobs(first.prompt_ids, logits[:-1], first.params.prompt_logprobs)
             logits = logits[-1:]
-        seqs = [s for group in batch for s in group]
+        seqs = seqs_of(batch)
         rows = logits[torch.tensor([j for j, group in enumerate(batch) for _ in group])]
         self.running.extend(seqs)  # last: what can fail above may be redone (_admit), and below fails per sequence
         self._sample_and_emit(seqs, rows, prompt_lp)
@@ -473,11 +468,16 @@ class Engine:
         for s in batch:
             tokens[s.slot] = s.out_ids[-1]
             positions[s.slot] = s.position
-        # free slots below S ride along as dummy rows at position 0 (their cache is rewritten on admission)
+        # free slots below S ride along as dummy rows at position 0; those holding a cached prefix get their
+        # position 0 back after the step
+        held = self.prefix.held(set(range(S)) - {s.slot for s in batch})
+        kept = (self.cache.k[:, held, :, 0].clone(), self.cache.v[:, held, :, 0].clone()) if held else None
         threads = self.tuner.pick(S) if self.compiler.state is not CompileState.COMPILING else self.decode_threads
         torch.set_num_threads(threads)
         t_step = time.perf_counter()
         all_logits = self.fast.decode(torch.tensor(tokens), torch.tensor(positions), self.cache)
+        if kept is not None:
+            self.cache.k[:, held, :, 0], self.cache.v[:, held, :, 0] = kept
         self.tuner.record(S, threads, time.perf_counter() - t_step)
         slots = [s.slot for s in batch]
         logits = all_logits if slots == list(range(S)) else all_logits[torch.tensor(slots)]
@@ -576,7 +576,7 @@ class Engine:
     def _emit(self, s: Sequence, text: str, prompt_lp, finish: str | None = None, error: str | None = None):
         ev = Event(index=s.index, text=text, tokens=s.pending, finish_reason=finish, error=error,
                    prompt_logprobs=prompt_lp if s.first_event else None,
-                   prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.out_ids))
+                   prompt_tokens=len(s.prompt_ids), completion_tokens=len(s.out_ids), cached_tokens=s.cached)
         s.pending = []
         s.first_event = False
         try:

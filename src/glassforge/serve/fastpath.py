@@ -193,9 +193,11 @@ class FastPath:
         return self.prefill_packed([(ids, slot)], cache, all_logits)
 
     def prefill_packed(self, prompts: list[tuple[list[int], int]], cache: KVCache,
-                       all_logits: bool = False) -> torch.Tensor:
-        """Several prompts (ids, slot), each from position 0, in one forward: [n prompts, V] logits of
-        their last positions (all_logits: [tokens, V] for every position, for a single prompt).
+                       all_logits: bool = False, starts: list[int] | None = None) -> torch.Tensor:
+        """Several prompts (ids, slot) in one forward: [n prompts, V] logits of their last positions
+        (all_logits: [tokens, V] for every position, for a single prompt). starts: where each prompt's
+        computing begins (the positions before are in its slot already: the prefix cache, prefix.py);
+        0 for all by default.
 
         Prompts arriving together are packed into one sequence of tokens, so each matmul reads the
         weights once for all of them instead of once per prompt (16 prompts of 35 tokens: about
@@ -203,13 +205,16 @@ class FastPath:
         so no prompt sees another's keys.
         """
         cfg, hd = self.cfg, self.cfg.head_dim
-        lengths = [len(ids) for ids, _ in prompts]
-        starts = [0]
+        starts = starts or [0] * len(prompts)
+        lengths = [len(ids) - start for (ids, _), start in zip(prompts, starts)]  # the positions computed
+        offsets = [0]
         for T in lengths:
-            starts.append(starts[-1] + T)
-        N = starts[-1]
-        positions = torch.cat([torch.arange(T) for T in lengths]) if len(prompts) > 1 else torch.arange(N)
-        x = F.embedding(torch.tensor([t for ids, _ in prompts for t in ids]), self.embed)  # [N, d]
+            offsets.append(offsets[-1] + T)
+        N = offsets[-1]
+        positions = torch.cat([torch.arange(start, start + T) for start, T in zip(starts, lengths)]) \
+            if len(prompts) > 1 or starts[0] else torch.arange(N)
+        x = F.embedding(torch.tensor([t for (ids, _), start in zip(prompts, starts) for t in ids[start:]]),
+                        self.embed)  # [N, d]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         H, KV = cfg.n_heads, cfg.n_kv_heads
         for i, (ln1, wqkv, wo, ln2, wgu, wdown) in enumerate(self.layers):
@@ -217,19 +222,26 @@ class FastPath:
             qk = self._rope(qkv[:, :self.q_dim + self.kv_dim].view(N, H + KV, hd), cos, sin)
             v = qkv[:, self.q_dim + self.kv_dim:].view(N, KV, hd)
             ys = []
-            for (_, slot), start, T in zip(prompts, starts, lengths):
-                q_p = qk[start:start + T, :H].transpose(0, 1)  # [H, T, hd]
-                k_p = qk[start:start + T, H:].transpose(0, 1)  # [KV, T, hd]
-                v_p = v[start:start + T].transpose(0, 1)
-                cache.k[i, slot, :, :T] = k_p
-                cache.v[i, slot, :, :T] = v_p
-                y = F.scaled_dot_product_attention(q_p[None], k_p[None], v_p[None], is_causal=True,
-                                                   enable_gqa=self.gqa)
+            for (_, slot), offset, start, T in zip(prompts, offsets, starts, lengths):
+                q_p = qk[offset:offset + T, :H].transpose(0, 1)  # [H, T, hd]
+                k_p = qk[offset:offset + T, H:].transpose(0, 1)  # [KV, T, hd]
+                v_p = v[offset:offset + T].transpose(0, 1)
+                cache.k[i, slot, :, start:start + T] = k_p
+                cache.v[i, slot, :, start:start + T] = v_p
+                if start == 0:
+                    y = F.scaled_dot_product_attention(q_p[None], k_p[None], v_p[None], is_causal=True,
+                                                       enable_gqa=self.gqa)
+                else:  # the new positions attend to the cached ones and, causally, to each other
+                    end = start + T
+                    mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+                    y = F.scaled_dot_product_attention(q_p[None], cache.k[i, slot, :, :end][None],
+                                                       cache.v[i, slot, :, :end][None], attn_mask=mask,
+                                                       enable_gqa=self.gqa)
                 ys.append(y[0].transpose(0, 1).reshape(T, -1))
             x = x + F.linear(ys[0] if len(ys) == 1 else torch.cat(ys), wo)
             x = x + self._mlp(self._norm(x, ln2), wgu, wdown)
         if not all_logits:
-            x = x[torch.tensor(starts[1:]) - 1]
+            x = x[torch.tensor(offsets[1:]) - 1]
         return F.linear(self._norm(x, self.norm), self.head)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -134,7 +134,11 @@ class Metrics:
             lines += [f"# HELP vllm:{name} {help_}", f"# TYPE vllm:{name} histogram"]
             lines += self.vllm[name].lines(f"vllm:{name}", label)
         for name, help_, value in (("prompt_tokens_total", "Prompt tokens prefilled.", s["prompt_tokens"]),
-                                   ("generation_tokens_total", "Tokens generated.", s["completion_tokens"])):
+                                   ("generation_tokens_total", "Tokens generated.", s["completion_tokens"]),
+                                   ("prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
+                                    s["prefix_cache_queries"]),
+                                   ("prefix_cache_hits_total", "Prompt tokens the prefix cache served.",
+                                    s["prefix_cache_hits"])):
             lines += [f"# HELP vllm:{name} {help_}", f"# TYPE vllm:{name} counter", f"vllm:{name}{{{label}}} {value}"]
         lines += ["# HELP vllm:request_success_total Finished requests (choices) by finish reason.",
                   "# TYPE vllm:request_success_total counter"]
@@ -171,6 +175,8 @@ class Metrics:
                 ("glassforge_running_sequences", "gauge", "Sequences in the running batch.", engine.batch_size),
                 ("glassforge_requests_in_flight", "gauge", "HTTP requests being answered.", self.in_flight),
                 ("glassforge_decode_steps_total", "counter", "Batched decode steps run.", s["decode_steps"]),
+                ("glassforge_prefix_cache_hit_tokens_total", "counter",
+                 "Prompt tokens whose keys and values came from the prefix cache.", s["prefix_cache_hits"]),
                 ("glassforge_rejected_total", "counter", "Sequences refused because the queue was full.",
                  s["rejected"]),
                 ("glassforge_cancelled_total", "counter", "Sequences cancelled by a client disconnect.",

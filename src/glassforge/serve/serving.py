@@ -55,7 +55,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from glassforge.core.errors import UserError
 from glassforge.core.runfolder import Release
 from glassforge.release.trace import Tracer
-from glassforge.serve.engine import Engine, Sequence
+from glassforge.serve.engine import Engine
+from glassforge.serve.sequence import Sequence
 from glassforge.serve.limits import FLAGS, Limits, Work
 from glassforge.serve.metrics import Metrics
 from glassforge.serve.protocol import APIError, ChatMessage, Prompt, SamplingFields, Stop, error_body
@@ -96,9 +97,11 @@ def json_answer(body: dict) -> JSONResponse:
     return JSONResponse(body)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; cached_tokens: the prompt tokens the prefix cache served (prefix.py)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def too_long(param: str, got: int, limits: Limits, name: str, what: str) -> APIError:
@@ -385,8 +388,9 @@ class Server:
                 choice["trace"] = await self.trace_text(merged[i].text)
             out.append(choice)
         completion_tokens = sum(ev.completion_tokens for ev in merged.values())
+        cached_tokens = sum(ev.cached_tokens for ev in merged.values())  # a prompt's first choice carries it
         return json_answer({**base, "object": choices.object, "choices": out,
-                            "usage": usage(prompt_tokens, completion_tokens)})
+                            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)})
 
     async def collect(self, request: Request, delivery: Delivery, seqs: list[Sequence],
                       count: int) -> dict[int, Event]:
@@ -423,7 +427,7 @@ class Server:
 
         async def chunks() -> AsyncIterator[str]:
             texts: dict[int, str] = collections.defaultdict(str)
-            completion_tokens = finished = 0
+            completion_tokens = cached_tokens = finished = 0
             try:
                 for choice in choices.opening():
                     yield sse({**base, "choices": [choice], **extra})
@@ -438,13 +442,15 @@ class Server:
                     if ev.finish_reason:
                         finished += 1
                         completion_tokens += ev.completion_tokens
+                        cached_tokens += ev.cached_tokens
                         choice = choices.final(ev.index, ev.finish_reason)
                         if trace:
                             choice["trace"] = await self.trace_text(texts[ev.index])
                         yield sse({**base, "choices": [choice], **extra})
                 self.metrics.observe_finished(seqs)
                 if include_usage:
-                    yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+                    yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens,
+                                                                           cached_tokens)})
                 yield "data: [DONE]\n\n"
             except APIError as e:  # the stream has started: report in band
                 yield sse(e.body())

@@ -95,6 +95,7 @@ class Event:
     prompt_logprobs: list[TokenLogprob] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's tokens, how many were the prefix cache's (prefix.py)
     error: str | None = None
 
     def absorb(self, ev: "Event") -> bool:
@@ -106,6 +107,7 @@ class Event:
         if ev.finish_reason:
             self.finish_reason = ev.finish_reason
             self.prompt_tokens, self.completion_tokens = ev.prompt_tokens, ev.completion_tokens
+            self.cached_tokens = ev.cached_tokens
             return True
         return False
 

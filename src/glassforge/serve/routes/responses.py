@@ -113,8 +113,10 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
             "arguments": arguments}
 
 
-def _usage(prompt_tokens: int, output_tokens: int) -> dict:
-    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+def _usage(prompt_tokens: int, output_tokens: int, cached_tokens: int, written: bool) -> dict:
+    """written: the prefix cache keeps the prompt (what it did not serve, it now holds)."""
+    details = {"cached_tokens": cached_tokens, "cache_write_tokens": prompt_tokens - cached_tokens if written else 0}
+    return {"input_tokens": prompt_tokens, "input_tokens_details": details,
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt_tokens + output_tokens}
 
@@ -146,8 +148,9 @@ class _Response:
                 "temperature": 1.0 if req.temperature is None else req.temperature,
                 "text": {"format": fmt}, "tool_choice": choice,
                 "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
-                "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled", "usage": usage,
-                "user": req.user, "metadata": req.metadata or {}}
+                "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled",
+                "metadata": req.metadata or {}, **({"usage": usage} if usage is not None else {}),
+                **({"user": req.user} if req.user is not None else {})}  # the schema has neither as null
 
     def read(self, text: str, last: bool) -> list[tuple[str, dict]]:
         """The stream events (kind, fields) that text adds to the output items; last: the reply has ended."""
@@ -212,14 +215,15 @@ class _Response:
                                                                  "arguments": item["arguments"]})]
         return events + [("response.output_item.done", {"output_index": index, "item": json.loads(json.dumps(item))})]
 
-    def final(self, finish_reason: str | None, prompt_tokens: int, output_tokens: int) -> dict:
+    def final(self, finish_reason: str | None, prompt_tokens: int, output_tokens: int, cached_tokens: int) -> dict:
         incomplete = finish_reason == "length"
         status = "incomplete" if incomplete else "completed"
         items = json.loads(json.dumps(self.items))
         if incomplete:
             for item in items:
                 item["status"] = "incomplete"
-        return self.body(status, items, _usage(prompt_tokens, output_tokens), incomplete)
+        return self.body(status, items, _usage(prompt_tokens, output_tokens, cached_tokens,
+                                                   self.server.engine.prefix.enabled), incomplete)
 
 
 @router.post("/v1/responses")
@@ -248,7 +252,7 @@ async def create_response(req: ResponsesRequest, request: Request, server: Serve
         ev = (await server.collect(request, delivery, seqs, 1))[0]
         server.metrics.observe_finished(seqs)
         response.read(ev.text, last=True)
-        return json_answer(response.final(ev.finish_reason, len(ids), ev.completion_tokens))
+        return json_answer(response.final(ev.finish_reason, len(ids), ev.completion_tokens, ev.cached_tokens))
 
     async def events() -> AsyncIterator[str]:
         number = 0
@@ -270,7 +274,7 @@ async def create_response(req: ResponsesRequest, request: Request, server: Serve
                 if ev.finish_reason:
                     break
             server.metrics.observe_finished(seqs)
-            final = response.final(ev.finish_reason, len(ids), ev.completion_tokens)
+            final = response.final(ev.finish_reason, len(ids), ev.completion_tokens, ev.cached_tokens)
             yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                         response=final)
         except APIError as e:  # the stream has started: report in band, as OpenAI's `error` event
