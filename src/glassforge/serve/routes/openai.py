@@ -266,8 +266,8 @@ async def chat_completions(req: ChatRequest, request: Request, server: Server = 
     ids = await server.encode(render_messages(engine, req.messages, True, use.rendered if use else None))
     params.max_tokens = limit if limit is not None else max(engine.max_context - len(ids), 1)
     server.check_prompt(ids, params.max_tokens, "messages")
-    base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": server.model_name,
-            "system_fingerprint": None}
+    # no system_fingerprint: OpenAI's schema has it deprecated, and a string when present (never null)
+    base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": server.model_name}
     return await server.answer(request, req, [(j, ids, params) for j in range(n)], base, len(ids),
                                ChatChoices(n, bool(req.logprobs), use.parsed if use else None),
                                "tools" if use and use.constrained else "response_format")
