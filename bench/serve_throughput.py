@@ -72,23 +72,26 @@ BUSY = {"compiling", "waiting"}  # /health states of a decode step still being m
 PROMPT = "import json\n\n\ndef load_config(path):\n    \"\"\"Read a JSON configuration file.\"\"\"\n"
 
 
-def make_random_release(folder: Path) -> Path:
-    """A release-layout folder with random weights in the default recipe's shape."""
+def make_random_release(folder: Path, recipe: str = "default") -> Path:
+    """A release-layout folder with random weights in a recipe's model shape (default: the default recipe's)."""
+    import dataclasses
+
     import torch
     from safetensors.torch import save_file
 
+    from glassforge.core.recipe import load_recipe
     from glassforge.data import pystdlib
-    from glassforge.core.recipe import ModelConfig
     from glassforge.model.llama import Llama
     from glassforge.release.stage import write_model_folder
     from glassforge.tokenizer.bpe import train_tokenizer, write_tokenizer_files
 
-    texts = [d.text for d in pystdlib.iter_documents(["json", "textwrap", "string", "csv", "difflib"])]
-    tok = train_tokenizer(texts, 4096)
+    shape = load_recipe(recipe)
+    modules = ["json", "textwrap", "string", "csv", "difflib"] if recipe == "default" else None
+    texts = [d.text for d in pystdlib.iter_documents(modules)]
+    tok = train_tokenizer(texts, shape.tokenizer.vocab_size)
     tok_dir = folder / "_tokenizer"
     write_tokenizer_files(tok_dir, tok)
-    cfg = ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=512,
-                      tie_embeddings=True)
+    cfg = dataclasses.replace(shape.model, vocab_size=shape.tokenizer.vocab_size)
     torch.manual_seed(0)
     save_file(Llama(cfg).hf_state_dict(), tok_dir / "weights.safetensors")
     release = folder / "release"
