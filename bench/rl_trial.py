@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from glassforge.core.recipe import dump_recipe, load_recipe  # noqa: E402
 from glassforge.core.runfolder import Run, latest_weights  # noqa: E402
 from glassforge.evaluate.names import mcnemar  # noqa: E402
-from glassforge.evaluate.stage import _load, names_task  # noqa: E402
+from glassforge.evaluate.stage import load_model, names_task  # noqa: E402
 from glassforge.tokenizer.bpe import load_tokenizer  # noqa: E402
 from glassforge.train.rl import run_rl  # noqa: E402
 
@@ -75,8 +75,8 @@ def main() -> int:
               f"{mean['right_name']:.3f}, exact signature {mean['exact_signature']:.3f} (sampled)")
 
     tok = load_tokenizer(run.tokenizer)
-    before = names_task(run, _load(recipe.model, latest_weights(run.sft)), tok)
-    after = names_task(run, _load(recipe.model, latest_weights(run.rl)), tok)
+    before = names_task(run, load_model(recipe.model, latest_weights(run.sft)), tok)
+    after = names_task(run, load_model(recipe.model, latest_weights(run.rl)), tok)
     figures = {"overrides": args.overrides, "seconds": round(seconds, 1), "sets": {}}
     for which in before:
         row = {}

@@ -24,14 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from glassforge.core.recipe import dump_recipe, load_recipe  # noqa: E402
 from glassforge.core.runfolder import Run, latest_weights  # noqa: E402
-from glassforge.evaluate.stage import _load, names_task, val_loss_by_source  # noqa: E402
+from glassforge.evaluate.stage import load_model, names_task, val_loss_by_source  # noqa: E402
 from glassforge.tokenizer.bpe import load_tokenizer  # noqa: E402
 from glassforge.train.sft import run_sft  # noqa: E402
 
 
 def plain_loss(run: Run, folder: Path) -> float:
     recipe = run.load_recipe()
-    by_source = val_loss_by_source(_load(recipe.model, latest_weights(folder)), run, recipe.pretrain.seq_len)
+    by_source = val_loss_by_source(load_model(recipe.model, latest_weights(folder)), run, recipe.pretrain.seq_len)
     return sum(v["loss"] * v["tokens"] for v in by_source.values()) / sum(v["tokens"] for v in by_source.values())
 
 
@@ -60,7 +60,7 @@ def main() -> int:
         t = time.perf_counter()
         summary = run_sft(run)
         seconds = time.perf_counter() - t
-        names = names_task(run, _load(recipe.model, latest_weights(run.sft)), load_tokenizer(run.tokenizer))
+        names = names_task(run, load_model(recipe.model, latest_weights(run.sft)), load_tokenizer(run.tokenizer))
         row = {"seconds": round(seconds, 1), "plain_loss": plain_loss(run, run.sft),
                "assistant_loss": summary["val_loss"],
                **{f"{which}_{key}": names[which][key] for which in names for key in ("right_name", "exact_signature")},

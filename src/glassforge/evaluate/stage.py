@@ -117,14 +117,14 @@ def run_eval(run: Run, tasks: str | None = None) -> dict:
     recipe = run.load_recipe()
     stage, weights = run.final_weights()
     task_list = [t.strip() for t in tasks.split(",")] if tasks else recipe.eval.tasks
-    results = evaluate_model(run, _load(recipe.model, weights), task_list, recipe.eval.limit)
+    results = evaluate_model(run, load_model(recipe.model, weights), task_list, recipe.eval.limit)
     if stage != "pretrain" and "val-loss" in task_list:
         # Fine-tuning trades some language modelling for chat; show both sides of the trade.
-        base = _load(recipe.model, latest_weights(run.pretrain))
+        base = load_model(recipe.model, latest_weights(run.pretrain))
         results["tasks"]["val-loss (base model)"] = val_loss_by_source(base, run, recipe.pretrain.seq_len)
     if stage == "rl" and "pystdlib-names" in task_list:
         # what RL changed, on the same prompts, item by item
-        before = names_task(run, _load(recipe.model, latest_weights(run.sft)), load_tokenizer(run.tokenizer))
+        before = names_task(run, load_model(recipe.model, latest_weights(run.sft)), load_tokenizer(run.tokenizer))
         after = results["tasks"]["pystdlib-names"]
         results["tasks"]["pystdlib-names (before RL)"] = before
         results["rl"] = {which: {metric: mcnemar(before[which]["outcomes"][metric], after[which]["outcomes"][metric])
@@ -145,7 +145,8 @@ def names_task(run: Run, model: Llama, tok) -> dict:
             for which, items in name_prompts(table, recipe.seed, recipe.eval.names_limit).items()}
 
 
-def _load(cfg, weights) -> Llama:
+def load_model(cfg, weights) -> Llama:
+    """A model of shape cfg with the weights of a checkpoint, in eval mode."""
     model = Llama(cfg)
     load_weights(weights, model)
     return model.eval()
