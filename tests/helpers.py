@@ -65,6 +65,22 @@ class LiveServer:
 
 
 @contextmanager
+def engine_server(folder: Path, **engine_kw) -> Iterator[LiveServer]:
+    """An eager-decoding Engine on folder behind the app on loopback; the server carries .engine and .model."""
+    from glassforge.serve.app import create_app
+    from glassforge.serve.engine import Engine
+
+    engine = Engine(folder, **{"compile_decode": False, **engine_kw})
+    srv = LiveServer(create_app(engine))
+    srv.engine, srv.model = engine, engine.folder.name
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        engine.close()
+
+
+@contextmanager
 def glassforge_serve(run: Path, *args: str, env: dict | None = None, timeout: float = 120) -> Iterator[str]:
     """`python -m glassforge serve RUN` on a free port until the block ends; yields its root URL."""
     import httpx

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import LiveServer, make_random_model_folder
+from helpers import engine_server, make_random_model_folder
 
 OPENAPI = Path(__file__).parent / "openapi"
 SUBSET = OPENAPI / "openai-subset.json"
@@ -26,16 +26,9 @@ SUBSET = OPENAPI / "openai-subset.json"
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from glassforge.serve.app import create_app
-    from glassforge.serve.engine import Engine
-
-    folder = make_random_model_folder(tmp_path_factory.mktemp("openapi_model"), max_seq_len=1024)
-    engine = Engine(folder, compile_decode=False, max_batch=8)
-    srv = LiveServer(create_app(engine))
-    srv.engine, srv.model = engine, engine.folder.name
-    yield srv
-    srv.stop()
-    engine.close()
+    with engine_server(make_random_model_folder(tmp_path_factory.mktemp("openapi_model"), max_seq_len=1024),
+                       max_batch=8) as srv:
+        yield srv
 
 
 def test_the_subset_is_openais_document_cut_to_our_routes():

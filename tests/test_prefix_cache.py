@@ -8,7 +8,7 @@ import queue
 import pytest
 import torch
 
-from helpers import LiveServer, make_random_model_folder, metrics_of, wait_until
+from helpers import engine_server, make_random_model_folder, metrics_of, wait_until
 
 openai = pytest.importorskip("openai")
 
@@ -157,14 +157,8 @@ def test_placement_rules():
 
 @pytest.fixture(scope="module")
 def live(folder):
-    from glassforge.serve.app import create_app
-
-    engine = engine_of(folder, True, max_batch=4)
-    srv = LiveServer(create_app(engine))
-    srv.engine, srv.model = engine, engine.folder.name
-    yield srv
-    srv.stop()
-    engine.close()
+    with engine_server(folder, max_batch=4, prefix_cache=True) as srv:
+        yield srv
 
 
 def test_usage_reports_cached_tokens_and_metrics_count_them(live):

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import LiveServer, make_random_model_folder, sse_events
+from helpers import engine_server, make_random_model_folder, sse_events
 
 openai = pytest.importorskip("openai")
 
@@ -30,17 +30,10 @@ MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from glassforge.serve.app import create_app
-    from glassforge.serve.engine import Engine
-
     # the tools' preamble is some 500 tokens of the 512-token vocabulary: a longer context than random_model's
-    folder = make_random_model_folder(tmp_path_factory.mktemp("tools_model"), max_seq_len=1024)
-    engine = Engine(folder, compile_decode=False, max_batch=8)
-    srv = LiveServer(create_app(engine))
-    srv.engine, srv.model = engine, engine.folder.name
-    yield srv
-    srv.stop()
-    engine.close()
+    with engine_server(make_random_model_folder(tmp_path_factory.mktemp("tools_model"), max_seq_len=1024),
+                       max_batch=8) as srv:
+        yield srv
 
 
 @pytest.fixture()
