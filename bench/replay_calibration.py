@@ -89,7 +89,7 @@ class OneTokenChanged:
         return len(self.inner)
 
     def batch(self, indices):
-        x, y = self.inner.batch(indices)
+        x, y, *extra = self.inner.batch(indices)
         for row, i in enumerate(np.asarray(indices).tolist()):
             if i == self.example:
                 k = self.position
@@ -99,7 +99,7 @@ class OneTokenChanged:
                     y = y.clone()
                     if y[row, k - 1] != -100:
                         y[row, k - 1] = x[row, k]
-        return x, y
+        return (x, y, *extra)
 
 
 def measure(release: Path, pred: dict, it: Interval, *, threads: int | None = None, compile: bool | None = None,

@@ -77,6 +77,26 @@ def test_cached_path_equals_training_path():
     assert torch.allclose(torch.cat([prefix, *steps], dim=1), full, atol=1e-5)
 
 
+def test_packed_rows_compute_each_sequence_as_it_would_be_alone():
+    torch.manual_seed(0)
+    model = Llama(small_cfg())
+    a, b = torch.randint(0, 128, (1, 11)), torch.randint(0, 128, (1, 6))
+    packed = torch.cat([a, b, torch.zeros(1, 4, dtype=torch.long)], dim=1)  # two sequences, then padding
+    segments = torch.tensor([[0] * 11 + [1] * 6 + [2] * 4])
+    logits, _ = model(packed, segments=segments)
+    alone_a, alone_b = model(a)[0], model(b)[0]
+    assert torch.allclose(logits[:, :11], alone_a, atol=1e-5) and torch.allclose(logits[:, 11:17], alone_b, atol=1e-5)
+    # without segments the second sequence would see the first: the mask is what keeps them apart
+    assert not torch.allclose(model(packed)[0][:, 11:17], alone_b, atol=1e-3)
+    # the loss and its gradients are those of the two sequences' summed losses
+    targets = torch.cat([a, b, torch.full((1, 4), -100)], dim=1)
+    model(packed, targets, reduction="sum", segments=segments)[1].backward()
+    packed_grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    (model(a, a, reduction="sum")[1] + model(b, b, reduction="sum")[1]).backward()
+    assert torch.allclose(packed_grad, model.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-5)
+
+
 def test_cached_rows_of_different_lengths_share_a_batch():
     """Two sequences in cache slots 2 and 0, at different positions, decode together as they would alone."""
     torch.manual_seed(1)

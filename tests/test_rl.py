@@ -134,7 +134,8 @@ def test_rollout_weights_are_group_advantages_on_completion_tokens_only(table):
         trained = rollouts.prepare(0, None, np.array([0, 1]))
     finally:
         rl.generate_batch = original
-    x, y, w = rollouts.batch([0, 1])
+    x, y, extra = rollouts.batch([0, 1])
+    w = extra["weights"]
     assert x.shape == (4, 64) and trained == len(answers[0]) + len(answers[1])
     first, second = w[0][w[0] != 0], w[1][w[1] != 0]
     assert len(first) == len(answers[0]) and (first > 0).all() and (second < 0).all()

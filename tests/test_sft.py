@@ -3,7 +3,7 @@ import json
 
 from glassforge.train.conversations import Conversation, pystdlib_qa, read_messages_jsonl
 from glassforge.train.sft import Conversations, assistant_spans
-from glassforge.tokenizer.bpe import load_tokenizer
+from glassforge.tokenizer.bpe import PAD, load_tokenizer
 
 
 def test_loss_only_on_assistant_tokens(random_model):
@@ -23,6 +23,35 @@ def test_loss_only_on_assistant_tokens(random_model):
     ids = tok.encode(text, add_special_tokens=False).ids
     assert rows.x[0][: len(ids) - 1].tolist() == ids[:-1]
     assert rows.target_tokens == len(targets)
+
+
+def test_pack_rows_is_best_fit_in_order():
+    from glassforge.train.sft import pack_rows
+
+    # 70 opens a row; 60 does not fit beside it; 50 goes where it leaves least room (beside 70: 8 left);
+    # 60's row (68 left) takes 40; 130 is cut to the capacity by the caller, so 128 fills a row alone
+    assert pack_rows([70, 60, 50, 40, 128, 8], 128) == [[0, 2, 5], [1, 3], [4]]
+    assert pack_rows([], 128) == []
+
+
+def test_packed_conversations_hold_the_same_tokens_and_targets(random_model):
+    tok = load_tokenizer(random_model)
+    convs = [Conversation([{"role": "user", "content": f"question {i} " + "word " * i},
+                           {"role": "assistant", "content": f"answer {i}"}]) for i in range(9)]
+    padded, packed = Conversations(convs, tok, 64), Conversations(convs, tok, 64, pack=True)
+    assert len(packed) < len(padded) and packed.n_conversations == padded.n_conversations == 9
+    assert packed.target_tokens == padded.target_tokens
+    assert padded.batch([0])[2:] == ()  # one conversation a row: no segments
+    x, y, extra = packed.batch(list(range(len(packed))))
+    segments = extra["segments"]
+    # each segment of a packed row is one conversation's row, as the padded rows hold it
+    pieces = sorted((x[r][segments[r] == k].tolist(), y[r][segments[r] == k].tolist())
+                    for r in range(len(packed)) for k in segments[r].unique().tolist()
+                    if (y[r][segments[r] == k] != -100).any())
+    want = sorted((padded.x[i][:(padded.x[i] != tok.token_to_id(PAD)).sum()].tolist(),
+                   padded.y[i][:(padded.x[i] != tok.token_to_id(PAD)).sum()].tolist()) for i in range(9))
+    assert pieces == want
+    assert all((s[1:] >= s[:-1]).all() for s in segments)  # numbered in order along each row
 
 
 def test_malformed_lines_are_reported_with_line_numbers(tmp_path):

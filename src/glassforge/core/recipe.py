@@ -178,6 +178,7 @@ class SFTConfig(TrainConfig):
     enabled: bool = True
     conversations: list[str] = field(default_factory=lambda: ["pystdlib-qa"])
     pretrain_mix: float = 0.0  # share of each batch's rows that are pretraining text (keeps plain-text skill)
+    pack: bool = False  # several conversations a row, each attending only to itself (train/sft.py)
 
 
 @dataclass

@@ -22,7 +22,10 @@ are computed once for the whole context and sliced.
 One forward: whole sequences with a causal mask (training, scoring), or, given
 a `KVCache`, tokens at explicit positions in explicit cache slots, each
 attending to its own slot's keys up to its own position, so sequences of
-different lengths share one batch (generation).
+different lengths share one batch (generation). Fine-tuning packs several
+conversations into a row: `segments` numbers them, and each token attends only
+to earlier tokens of its own conversation, at positions counted from that
+conversation's start, so a packed conversation is computed as it would be alone.
 """
 
 from __future__ import annotations
@@ -84,6 +87,18 @@ class CacheStep:
         self.mask = (torch.arange(span, device=positions.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
 
 
+def segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed rows numbered by segment [B, T]: each token's position within its segment, and the
+    attention mask [B, 1, T, T] letting a token see only earlier tokens of its own segment."""
+    T = segments.shape[1]
+    t = torch.arange(T, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return t - first, ((segments[:, :, None] == segments[:, None, :]) & causal).unsqueeze(1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -95,7 +110,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, step: CacheStep | None = None):
+    def forward(self, x, cos, sin, step: CacheStep | None = None, segment_mask: torch.Tensor | None = None):
         B, T, _ = x.shape
         hd, nq, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
         # One matmul for q, k and v: one large product beats three small ones, and the
@@ -108,8 +123,8 @@ class Attention(nn.Module):
         # Rotate in the activations' dtype (bf16 under autocast), as Hugging Face does.
         cos, sin = cos.to(q.dtype).unsqueeze(-3), sin.to(q.dtype).unsqueeze(-3)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if step is None:
-            mask, causal = None, True
+        if step is None:  # causal, within each packed conversation when segment_mask is given
+            mask, causal = segment_mask, segment_mask is None
         else:  # write this step's keys and values at their positions, then attend over the slot's cache
             cache, slots, pos = step.cache, step.slots, step.positions
             cache.k[self.layer][slots[:, None], :, pos] = k.transpose(1, 2).to(cache.k.dtype)
@@ -144,8 +159,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, step: CacheStep | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
+    def forward(self, x, cos, sin, step: CacheStep | None = None, segment_mask: torch.Tensor | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, segment_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -189,29 +204,36 @@ class Llama(nn.Module):
             n -= self.model.embed_tokens.weight.numel()
         return n
 
-    def hidden_states(self, idx: torch.Tensor, step: CacheStep | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, step: CacheStep | None = None,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, d] (used for embeddings too)."""
-        if step is None:  # whole sequences from position 0
-            cos, sin = self.rope_cos[:idx.shape[1]], self.rope_sin[:idx.shape[1]]
-        else:
+        mask = None
+        if step is not None:
             cos, sin = self.rope_cos[step.positions], self.rope_sin[step.positions]
+        elif segments is None:  # whole sequences from position 0
+            cos, sin = self.rope_cos[:idx.shape[1]], self.rope_sin[:idx.shape[1]]
+        else:  # packed rows: positions restart at each segment, attention stays inside it
+            positions, mask = segment_positions_and_mask(segments)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.model.embed_tokens(idx)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, step)
+            x = layer(x, cos, sin, step, mask)
         return self.model.norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean", *,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                slots: torch.Tensor | None = None):
+                slots: torch.Tensor | None = None, segments: torch.Tensor | None = None):
         """Logits for every position; with targets, also the cross-entropy (-100 is ignored).
 
-        Without a cache, idx [B, T] are whole sequences from position 0. With one,
+        Without a cache, idx [B, T] are whole sequences from position 0, or, with
+        segments [B, T] (non-decreasing numbers along each row), packed sequences,
+        each from position 0 at its first token. With a cache,
         idx and positions [B, T] are tokens at those positions of the sequences in
         cache rows slots [B]: their keys and values are written there and each
         attends to its own row up to its own position.
         """
         step = None if cache is None else CacheStep(cache, slots, positions)
-        logits = self.lm_head(self.hidden_states(idx, step))
+        logits = self.lm_head(self.hidden_states(idx, step, segments))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),

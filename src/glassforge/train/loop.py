@@ -103,9 +103,10 @@ def evaluate(model: Llama, data: Examples, cfg: TrainConfig, device, dtype) -> t
     total, count = 0.0, 0
     n = min(len(data), cfg.eval_batches * cfg.micro_batch)
     for start in range(0, n, cfg.micro_batch):
-        x, y = data.batch(np.arange(start, min(n, start + cfg.micro_batch)))
+        x, y, *extra = data.batch(np.arange(start, min(n, start + cfg.micro_batch)))
+        kw = {"segments": extra[0]["segments"].to(device)} if extra and "segments" in extra[0] else {}
         with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device), reduction="sum")
+            _, loss = model(x.to(device), y.to(device), reduction="sum", **kw)
         total += float(loss)
         count += int((y != -100).sum())
     model.train(was_training)
@@ -126,7 +127,7 @@ def _target_count(data: Examples, rows: np.ndarray, seq_len: int) -> int:
     count = getattr(data, "target_count", None)
     if count is not None:
         return int(count(rows))
-    _, y = data.batch(rows)
+    _, y, *_ = data.batch(rows)
     return int((y != -100).sum())
 
 
@@ -260,7 +261,9 @@ def train(
                 chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
                 loss_sum = torch.zeros((), device=device)
                 for i, chunk in enumerate(chunks):
-                    x, y, *weights = train_set.batch(chunk)
+                    x, y, *extra = train_set.batch(chunk)
+                    extra = extra[0] if extra else {}
+                    kw = {"segments": extra["segments"].to(device)} if "segments" in extra else {}
                     last_micro = i == len(chunks) - 1
                     sync = nullcontext()
                     if dist_info.world > 1 and not last_micro:  # reduce gradients once, after the last micro-batch
@@ -272,13 +275,13 @@ def train(
                         model.set_requires_gradient_sync(True)
                     with sync:
                         with autocast(device, dtype):
-                            if weights:  # a weight per target token (RL's advantages): the weighted sum of losses
+                            if "weights" in extra:  # a weight per target token (RL's advantages): their weighted sum
                                 _, losses = step_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                                    reduction="none")
-                                loss = (losses * weights[0].to(device).reshape(-1)).sum()
+                                                    reduction="none", **kw)
+                                loss = (losses * extra["weights"].to(device).reshape(-1)).sum()
                             else:
                                 _, loss = step_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                                  reduction="sum")
+                                                  reduction="sum", **kw)
                         # Sum over the global batch / its target count; x world undoes the ranks' average.
                         (loss * (dist_info.world / n_targets)).backward()
                     loss_sum += loss.detach()

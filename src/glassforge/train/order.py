@@ -19,13 +19,15 @@ from glassforge.core.errors import UserError
 
 
 class Examples(Protocol):
-    """A training set the trainer can index: rows of inputs and targets (-100 = no loss)."""
+    """A training set the trainer can index: rows of inputs and targets (-100 = no loss), and optionally a
+    dict of per-token extras: "segments" (packed rows, model/llama.py) or "weights" (RL's advantages)."""
 
     bytes_per_token: float
 
     def __len__(self) -> int: ...
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict]:
+        ...
 
 
 class Windows:

@@ -215,13 +215,14 @@ class Rollouts:
         return torch.where(mask, -self.cfg.kl * (logp(model) - logp(self.reference)), torch.zeros_like(x,
                                                                                                       dtype=torch.float32))
 
-    def batch(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, rows) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The prepared completions of rows (the next rows of this step, in the order prepare saw them)."""
         rows = [int(r) for r in rows]
         take, self._ready = self._ready[:len(rows)], self._ready[len(rows):]
         if [t[0] for t in take] != rows:
             raise RuntimeError("rollouts: batches asked for out of the order they were prepared in")
-        return (torch.cat([t[1] for t in take]), torch.cat([t[2] for t in take]), torch.cat([t[3] for t in take]))
+        return (torch.cat([t[1] for t in take]), torch.cat([t[2] for t in take]),
+                {"weights": torch.cat([t[3] for t in take])})
 
     def step_stats(self) -> dict:
         return self._stats

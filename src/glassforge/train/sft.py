@@ -5,9 +5,13 @@ once, as inference will see it; a token is trained on when it starts inside an
 assistant message's content or its closing `<|end|>` (so the model learns to
 stop). System and user tokens, role headers and padding carry no loss.
 
-Conversations are padded, not packed, to `sft.seq_len`: one conversation per
-row, so attention never crosses conversations, with no mask machinery; the
-conversations here are short, so padding costs little. Longer ones are cut.
+Conversations are cut to `sft.seq_len` and, with `sft.pack`, packed into rows
+of that length, best fit (`pack_rows`); each attends only to itself, from
+position 0, so a packed conversation trains as it would alone. The default's
+conversations average 72 tokens, so padded rows of 128 were 44% padding:
+packing puts about 1.7 conversations in a row, for the same cost a step
+(docs/PERFORMANCE.md, "Packed fine-tuning"). Without `pack`, one conversation
+a row, padded.
 
 Training goes through the shared trainer (`train.py`), so resume, determinism
 and torchrun work as for pretraining. The base model's loss on the held-out
@@ -61,27 +65,60 @@ def assistant_spans(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     return text, spans
 
 
-class Conversations:
-    """Padded rows of token ids and targets (-100 where there is no loss)."""
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Conversations into rows of `capacity` positions, best fit: each, in order, into the open row with the
+    least room that holds it, else a new row. A function of the lengths alone, so the rows are the same on
+    every machine."""
+    rows: list[list[int]] = []
+    by_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # room left -> rows with that much
+    for i, n in enumerate(lengths):
+        room = next((r for r in range(n, capacity + 1) if by_room[r]), None)
+        if room is None:
+            row, room = len(rows), capacity
+            rows.append([])
+        else:
+            row = by_room[room].pop()
+        rows[row].append(i)
+        by_room[room - n].append(row)
+    return rows
 
-    def __init__(self, convs: list[Conversation], tok, seq_len: int):
+
+class Conversations:
+    """Rows of token ids and targets (-100 where there is no loss): one conversation a row, padded, or with
+    `pack`, several, numbered in `segments` so that each attends only to itself (model/llama.py)."""
+
+    def __init__(self, convs: list[Conversation], tok, seq_len: int, pack: bool = False):
         pad = tok.token_to_id(PAD)
-        n = len(convs)
-        self.x = np.full((n, seq_len), pad, dtype=np.int64)
-        self.y = np.full((n, seq_len), -100, dtype=np.int64)
         total_tokens = total_bytes = 0
         texts_spans = [assistant_spans(c.messages) for c in convs]
         encodings = tok.encode_batch([t for t, _ in texts_spans], add_special_tokens=False)
-        for i, ((text, spans), enc) in enumerate(zip(texts_spans, encodings)):
+        inputs, targets = [], []
+        for (text, spans), enc in zip(texts_spans, encodings):
             ids = enc.ids[: seq_len + 1]
             starts = [s for s, _ in enc.offsets[: len(ids)]]
             trained = np.array([any(a <= s < b for a, b in spans) for s in starts], dtype=bool)
-            self.x[i, : len(ids) - 1] = ids[:-1]
-            targets = np.asarray(ids[1:], dtype=np.int64)
-            targets[~trained[1:]] = -100
-            self.y[i, : len(ids) - 1] = targets
+            target = np.asarray(ids[1:], dtype=np.int64)
+            target[~trained[1:]] = -100
+            inputs.append(ids[:-1])
+            targets.append(target)
             total_tokens += int(trained[1:].sum())
             total_bytes += sum(len(text[a:b].encode()) for a, b in spans)
+        rows = pack_rows([len(t) for t in inputs], seq_len) if pack else [[i] for i in range(len(convs))]
+        self.x = np.full((len(rows), seq_len), pad, dtype=np.int64)
+        self.y = np.full((len(rows), seq_len), -100, dtype=np.int64)
+        # padding after the last conversation is a segment of its own, which no loss reads
+        self.segments = np.zeros((len(rows), seq_len), dtype=np.int64) if pack else None
+        for r, members in enumerate(rows):
+            at = 0
+            for k, i in enumerate(members):
+                n = len(inputs[i])
+                self.x[r, at:at + n], self.y[r, at:at + n] = inputs[i], targets[i]
+                if pack:
+                    self.segments[r, at:at + n] = k
+                at += n
+            if pack:
+                self.segments[r, at:] = len(members)
+        self.n_conversations = len(convs)
         self.bytes_per_token = total_bytes / max(1, total_tokens)
         self.target_tokens = total_tokens
 
@@ -90,7 +127,10 @@ class Conversations:
 
     def batch(self, indices):
         idx = np.asarray(indices)
-        return torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
+        x, y = torch.from_numpy(self.x[idx]), torch.from_numpy(self.y[idx])
+        if self.segments is None:
+            return x, y
+        return x, y, {"segments": torch.from_numpy(self.segments[idx])}
 
 
 def load_conversations(run: Run, files: dict[str, Path] | None = None) -> tuple[list[Conversation],
@@ -144,13 +184,18 @@ class WithPretraining:
         conv, text = idx[idx < self.n_conv], self.picked[idx[idx >= self.n_conv] - self.n_conv]
         x = np.empty((len(idx), self.windows.seq_len), dtype=np.int64)
         y = np.empty_like(x)
+        segments = np.zeros_like(x)  # a window is one segment
         if len(conv):
-            cx, cy = self.conversations.batch(conv)
+            cx, cy, *extra = self.conversations.batch(conv)
             x[idx < self.n_conv], y[idx < self.n_conv] = cx.numpy(), cy.numpy()
+            if extra:
+                segments[idx < self.n_conv] = extra[0]["segments"].numpy()
         if len(text):
             wx, wy = self.windows.batch(text)
             x[idx >= self.n_conv], y[idx >= self.n_conv] = wx.numpy(), wy.numpy()
-        return torch.from_numpy(x), torch.from_numpy(y)
+        if getattr(self.conversations, "segments", None) is None:
+            return torch.from_numpy(x), torch.from_numpy(y)
+        return torch.from_numpy(x), torch.from_numpy(y), {"segments": torch.from_numpy(segments)}
 
     def target_count(self, rows) -> int:
         rows = np.asarray(rows, dtype=np.int64)
@@ -165,7 +210,8 @@ def sft_examples(run: Run, tok, files: dict[str, Path] | None = None):
     recipe = run.load_recipe()
     cfg = recipe.sft
     train_convs, val_convs, report = load_conversations(run, files)
-    train_set = Conversations(train_convs, tok, cfg.seq_len)
+    # validation stays one conversation a row: its loss is comparable whether training packs or not
+    train_set = Conversations(train_convs, tok, cfg.seq_len, pack=cfg.pack)
     val_set = Conversations(val_convs, tok, cfg.seq_len) if val_convs else None
     if cfg.pretrain_mix:
         if not 0 < cfg.pretrain_mix < 1:
