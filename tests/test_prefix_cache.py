@@ -118,6 +118,39 @@ def test_a_free_slot_keeps_its_prefix_while_other_slots_decode(folder):
         cached.close()
 
 
+def test_the_compiled_and_ahead_of_time_decode_steps_give_the_same_outputs_with_the_cache(folder):
+    # the path a served release takes: decode steps compiled, then ahead of time (the tests above run eager
+    # steps); one engine, its cache off and then on, so both runs take the same compiled graphs
+    from glassforge.serve.engine import Engine
+
+    engine = Engine(folder, max_batch=4, compile_decode=True, decode_aot=True, prefix_cache=False)
+    try:
+        engine.wait_compiled(900)
+        assert engine.compiler.health() == {"decode_compile": "on", "decode_aot": "on"}
+        short = chat_ids(engine, [SYSTEM, {"role": "user", "content": "a short question"}])
+        follow = short + engine.encode("and a follow-up")
+        plain, want = conversation(engine, 4), engine.generate(follow, greedy(12))[0]
+        engine.prefix.enabled = True
+        cached = conversation(engine, 4)
+        # a free slot's prefix riding 60 ahead-of-time decode steps as a dummy row comes out intact
+        other = engine.encode("an unrelated long prompt " * 4)
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        seqs = engine.submit([(0, short, greedy(2, ignore_eos=True)), (1, other, greedy(60, ignore_eos=True))], q.put)
+        wait_until(lambda: all(s.done for s in seqs), 60, "the two sequences never finished")
+        slots = engine.prefix.tokens
+        assert slots.index(short) < slots.index(other)  # short's slot is below: it rode along as a dummy row
+        got = engine.generate(follow, greedy(12))[0]
+    finally:
+        engine.close()
+    assert [t[:2] for t in plain] == [t[:2] for t in cached]
+    for x, y in zip(plain, cached):
+        torch.testing.assert_close(torch.tensor(x[3]), torch.tensor(y[3]), atol=1e-4, rtol=0)
+    assert cached[0][2] == 0 and all(turn[2] > 0 for turn in cached[1:])
+    assert got.cached_tokens == len(short) and [t.id for t in got.tokens] == [t.id for t in want.tokens]
+    torch.testing.assert_close(torch.tensor([t.logprob for t in got.tokens]),
+                               torch.tensor([t.logprob for t in want.tokens]), atol=1e-4, rtol=0)
+
+
 def test_prompt_logprobs_and_a_reused_slot_are_never_served_from_the_cache(folder):
     from glassforge.serve.types import SamplingParams
 
