@@ -104,14 +104,18 @@ def evaluate(model: Llama, data: Examples, cfg: TrainConfig, device, dtype) -> t
     n = min(len(data), cfg.eval_batches * cfg.micro_batch)
     for start in range(0, n, cfg.micro_batch):
         x, y, *extra = data.batch(np.arange(start, min(n, start + cfg.micro_batch)))
-        kw = {"segments": extra[0]["segments"].to(device)} if extra and "segments" in extra[0] else {}
         with autocast(device, dtype):
-            _, loss = model(x.to(device), y.to(device), reduction="sum", **kw)
+            _, loss = model(x.to(device), y.to(device), reduction="sum", **_model_kwargs(extra, device))
         total += float(loss)
         count += int((y != -100).sum())
     model.train(was_training)
     mean = total / max(1, count)
     return mean, mean / math.log(2) / data.bytes_per_token
+
+
+def _model_kwargs(extra: list[dict], device) -> dict:
+    """The model's keyword arguments from a batch's extras: packed rows' segments (RL's weights are the loss's)."""
+    return {"segments": extra[0]["segments"].to(device)} if extra and "segments" in extra[0] else {}
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -262,8 +266,8 @@ def train(
                 loss_sum = torch.zeros((), device=device)
                 for i, chunk in enumerate(chunks):
                     x, y, *extra = train_set.batch(chunk)
+                    kw = _model_kwargs(extra, device)
                     extra = extra[0] if extra else {}
-                    kw = {"segments": extra["segments"].to(device)} if "segments" in extra else {}
                     last_micro = i == len(chunks) - 1
                     sync = nullcontext()
                     if dist_info.world > 1 and not last_micro:  # reduce gradients once, after the last micro-batch
