@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from glassforge.core.recipe import ModelConfig
-from glassforge.model.llama import KVCache, Llama, flops_per_token, rope_tables
+from glassforge.model.llama import KVCache, Llama, explicit_attention, flops_per_token, rope_tables
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -95,6 +95,21 @@ def test_packed_rows_compute_each_sequence_as_it_would_be_alone():
     model.zero_grad()
     (model(a, a, reduction="sum")[1] + model(b, b, reduction="sum")[1]).backward()
     assert torch.allclose(packed_grad, model.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-5)
+
+
+def test_explicit_attention_equals_sdpa_causal_and_masked():
+    """The CPU training path's attention (explicit scores) computes what SDPA does, with grouped heads."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 10, 8, generator=g)
+    k, v = torch.randn(2, 2, 10, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    want = sdpa(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.allclose(explicit_attention(q, k, v, None), want, atol=1e-6)
+    segments = torch.tensor([[0] * 4 + [1] * 6, [0] * 10])
+    mask = ((segments[:, :, None] == segments[:, None, :]) & torch.ones(10, 10, dtype=torch.bool).tril())[:, None]
+    got = explicit_attention(q, k, v, mask)
+    assert torch.allclose(got, sdpa(q, k, v, attn_mask=mask, enable_gqa=True), atol=1e-6)
+    assert not torch.allclose(got[0], want[0], atol=1e-3)  # the mask did something: row 0 has two segments
 
 
 def test_cached_rows_of_different_lengths_share_a_batch():

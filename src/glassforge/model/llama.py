@@ -16,7 +16,9 @@ Speed without renaming anything: q, k and v are one matmul over the three
 weights concatenated, and gate and up likewise (the parameters keep their
 Hugging Face names and shapes); grouped-query attention goes through SDPA's
 `enable_gqa` rather than copying keys and values per group; the rotary tables
-are computed once for the whole context and sliced.
+are computed once for the whole context and sliced. Training rows of up to 128
+tokens on a CPU take explicit attention scores instead of SDPA (see
+`explicit_attention`: its flash kernel's backward is the slower one there).
 `tests/test_model.py` checks logits, loss and gradients against transformers.
 
 One forward: whole sequences with a causal mask (training, scoring), or, given
@@ -99,6 +101,29 @@ def segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, to
     return t - first, ((segments[:, :, None] == segments[:, None, :]) & causal).unsqueeze(1)
 
 
+#: Rows up to this length attend through explicit scores on a CPU when not decoding (see explicit_attention).
+EXPLICIT_ATTENTION_MAX_T = 128
+
+
+def explicit_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """Causal (or masked) grouped-query attention as two matmuls and a softmax.
+
+    On a CPU, SDPA's flash kernel spends most of a training step in its
+    backward at short rows: at the default shape, a compiled forward and
+    backward of 32 packed rows of 128 tokens took 799 ms through SDPA and 449
+    ms through this (the two tie at 256 tokens, and SDPA wins at 512;
+    docs/PERFORMANCE.md, "Fine-tuning's attention"). mask [B, 1, T, T] is True
+    where a query may look, or None for causal.
+    """
+    B, H, T, D = q.shape
+    groups = H // k.shape[1]
+    q = q.view(B, k.shape[1], groups, T, D)  # a head group shares its key and value head, with no copy
+    scores = (q @ k.unsqueeze(2).transpose(-1, -2)) * (1.0 / math.sqrt(D))
+    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() if mask is None else mask.unsqueeze(2)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")).float(), dim=-1).to(v.dtype)
+    return (probs @ v.unsqueeze(2)).view(B, H, T, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -133,8 +158,10 @@ class Attention(nn.Module):
             k = cache.k[self.layer][slots, :, :span].to(q.dtype)
             v = cache.v[self.layer][slots, :, :span].to(q.dtype)
             mask, causal = step.mask, False
-        # Grouped-query attention without copying keys and values per head group.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=nkv != nq)
+        if step is None and q.device.type == "cpu" and T <= EXPLICIT_ATTENTION_MAX_T:
+            y = explicit_attention(q, k, v, mask)
+        else:  # grouped-query attention without copying keys and values per head group
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=nkv != nq)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
