@@ -110,7 +110,7 @@ def explicit_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
 
     On a CPU, SDPA's flash kernel spends most of a training step in its
     backward at short rows: at the default shape, a compiled forward and
-    backward of 32 packed rows of 128 tokens took 799 ms through SDPA and 449
+    backward of 32 packed rows of 128 tokens took 900 ms through SDPA and 548
     ms through this (the two tie at 256 tokens, and SDPA wins at 512;
     docs/PERFORMANCE.md, "Fine-tuning's attention"). mask [B, 1, T, T] is True
     where a query may look, or None for causal.
