@@ -1,7 +1,8 @@
 """Generation with the model's own forward and a KV cache: for evaluation and for RL's rollouts.
 
-A batch of prompts is prefilled one prompt at a time into its own cache row,
-then every row decodes one token per step together, each at its own position.
+A batch of prompts is prefilled into one cache row each (prompts of one length
+in one forward), then every row decodes one token per step together, each at
+its own position.
 Tokens are chosen by the one sampler (`sampling.py`), each row with its own
 generator, so a seeded rollout is reproducible whatever else shares its batch.
 The server has its own faster decode path (serve/fastpath.py), built from the
@@ -35,12 +36,19 @@ def generate_batch(model: Llama, prompts: list[list[int]], max_tokens: int, samp
     seeds = seeds if seeds is not None else [None] * B
     generators = [generator_for(seed, 0) for seed in seeds]
     budget = [min(max_tokens, cfg.max_seq_len - len(ids)) for ids in prompts]
-    cache = KVCache(cfg, B, cfg.max_seq_len, dtype=next(model.parameters()).dtype)
-    last = []
+    length = max(len(ids) + n for ids, n in zip(prompts, budget))  # no longer than the longest row needs
+    cache = KVCache(cfg, B, length, dtype=next(model.parameters()).dtype)
+    # Prompts of one length prefill in one forward (an RL prompt's group of samples, most of an evaluation
+    # batch), not one forward each.
+    by_length: dict[int, list[int]] = {}
     for b, ids in enumerate(prompts):
-        logits, _ = model(torch.tensor([ids]), cache=cache, positions=torch.arange(len(ids))[None],
-                          slots=torch.tensor([b]))
-        last.append(logits[0, -1])
+        by_length.setdefault(len(ids), []).append(b)
+    last: list[torch.Tensor] = [torch.empty(0)] * B
+    for n, rows in by_length.items():
+        logits, _ = model(torch.tensor([prompts[b] for b in rows]), cache=cache,
+                          positions=torch.arange(n).expand(len(rows), n), slots=torch.tensor(rows))
+        for b, row_logits in zip(rows, logits[:, -1]):
+            last[b] = row_logits
     logits = torch.stack(last)
     out: list[list[int]] = [[] for _ in prompts]
     live = [b for b in range(B) if budget[b] > 0]

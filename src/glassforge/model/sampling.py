@@ -14,7 +14,7 @@ divided by the temperature, cut by top-k, top-p (the smallest prefix of the
 sorted distribution whose mass reaches p) and min-p (tokens below min_p times
 the top token's probability), and a token is drawn.
 
-The draw is an exponential race: with E_i ~ Exp(1) from the row's own
+The draw is an exponential race: with E_i = -log U_i ~ Exp(1) from the row's own
 `torch.Generator`, argmax(p_i / E_i) is exactly a draw from p, and each row's
 draws depend only on its own generator, never on what else shares the batch.
 A row's generator is seeded from the request's seed and the choice's index
@@ -113,6 +113,8 @@ def sample(logits: torch.Tensor, params: Sequence[Sampling], generators: Sequenc
     if any(p.min_p > 0 for p in params):
         floor = torch.tensor([p.min_p for p in params])[:, None] * probs.amax(-1, keepdim=True)
         probs = probs.masked_fill(probs < floor, 0.0)
-    noise = torch.stack([torch.empty(V).exponential_(generator=g) for g in generators])
+    # Exp(1) noise as -log(U): the same distribution as Tensor.exponential_, whose CPU kernel was the largest
+    # single cost of an RL rollout's generation at a 4,096-token vocabulary (docs/PERFORMANCE.md, "RL")
+    noise = torch.stack([torch.rand(V, generator=g) for g in generators]).log_().neg_()
     sampled = (probs / noise).argmax(-1)
     return [int(best[i]) if p.greedy else int(sampled[i]) for i, p in enumerate(params)]
