@@ -12,6 +12,7 @@ import torch
 from glassforge.evaluate.names import QUESTIONS, mcnemar, name_prompts
 from glassforge.train.conversations import FUNCTION_QUESTIONS, held_out_module
 from glassforge.train.rewards import Entry, asked_name, has_signature, names, reward_table, score, word_f1
+from glassforge.train.rl import RL_QUESTIONS, names_prompts
 
 DOCS = [
     {"id": "py:posixpath.join", "split": "train",
@@ -78,6 +79,7 @@ def test_a_name_not_in_the_table_scores_zero(table):
 
 def test_eval_phrasings_are_never_trained_on_and_sets_are_split_by_module(table):
     assert not set(QUESTIONS) & set(FUNCTION_QUESTIONS)
+    assert not set(RL_QUESTIONS) & (set(QUESTIONS) | set(FUNCTION_QUESTIONS))
     big = {f"mod{i}.f{j}": Entry(f"mod{i}.f{j}", "()", "Does a thing.", "") for i in range(60) for j in range(5)}
     sets = name_prompts(big, seed=3, limit=40)
     assert len(sets["train"]) == 40 and 0 < len(sets["held_out"]) <= 40
@@ -85,6 +87,16 @@ def test_eval_phrasings_are_never_trained_on_and_sets_are_split_by_module(table)
     assert not any(held_out_module(e.name.split(".")[0]) for _, e in sets["train"])
     assert all(any(q == p.format(name=e.name) for p in QUESTIONS) for q, e in sets["train"])
     assert name_prompts(big, seed=3, limit=40) == sets  # a function of the seed
+
+
+def test_rl_asks_each_training_function_once_in_its_own_phrasings():
+    big = {f"mod{i}.f{j}": Entry(f"mod{i}.f{j}", "()", "Does a thing.", "") for i in range(60) for j in range(5)}
+    prompts = names_prompts(big, seed=3)
+    trained = sorted(n for n in big if not held_out_module(n.split(".")[0]))
+    assert 0 < len(trained) < len(big) and len(prompts) == len(trained)
+    assert all(any(q == p.format(name=n) for p in RL_QUESTIONS) for q, n in zip(prompts, trained))
+    assert len({q.replace(n, "{name}") for q, n in zip(prompts, trained)}) == len(RL_QUESTIONS)
+    assert names_prompts(big, seed=3) == prompts != names_prompts(big, seed=4)
 
 
 def test_mcnemar_is_the_exact_binomial_test_on_discordant_pairs():

@@ -35,8 +35,9 @@ reward components, advantages); the release carries the log, the attestation
 its hash, and `glassforge verify` re-scores every logged completion.
 
 Prompts: `pystdlib-names` asks about every public function of the training
-modules (never those fine-tuning holds out), each in one of fine-tuning's own
-phrasings, chosen by the seed; a `.jsonl` file gives one {"prompt": ...} a
+modules (never those fine-tuning holds out), each in one of RL's own
+phrasings (`RL_QUESTIONS`, used by neither fine-tuning nor evaluation), chosen
+by the seed; a `.jsonl` file gives one {"prompt": ...} a
 line (malformed lines are reported with their line numbers, skipped and
 counted).
 """
@@ -64,7 +65,7 @@ from glassforge.model.hf import load_weights
 from glassforge.model.llama import Llama
 from glassforge.model.sampling import Sampling
 from glassforge.tokenizer.bpe import END, ENDOFTEXT, PAD, load_tokenizer, render_chat
-from glassforge.train.conversations import FUNCTION_QUESTIONS, held_out_module
+from glassforge.train.conversations import held_out_module
 from glassforge.train.loop import train
 from glassforge.train.rewards import Entry, reward_table, score
 
@@ -74,11 +75,24 @@ class Prompt:
     ids: tuple[int, ...]  # the chat-rendered question, ready for the assistant's reply
 
 
+# RL asks in phrasings of its own, neither fine-tuning's (train/conversations.py) nor evaluation's
+# (evaluate/names.py): asked in fine-tuning's, where the fine-tuned model already answers best, 20 steps
+# lowered the right names (docs/PERFORMANCE.md, "RL").
+RL_QUESTIONS = [
+    "What is the purpose of {name}?",
+    "Give me a short description of {name}.",
+    "Help me understand {name}.",
+    "What's {name} for?",
+    "Tell me what {name} does.",
+    "Show me the signature of {name} and what it does.",
+]
+
+
 def names_prompts(table: dict[str, Entry], seed: int) -> list[str]:
-    """One question per public function of the modules fine-tuning trains on, in fine-tuning's phrasings."""
+    """One question per public function of the modules fine-tuning trains on, in RL's own phrasings."""
     rng = random.Random(f"{seed}:rl-prompts")
     names = sorted(n for n in table if not n.startswith("os.path.") and not held_out_module(n.split(".")[0]))
-    return [rng.choice(FUNCTION_QUESTIONS).format(name=n) for n in names]
+    return [rng.choice(RL_QUESTIONS).format(name=n) for n in names]
 
 
 def read_prompts_jsonl(path: Path) -> tuple[list[str], list[str]]:
