@@ -234,10 +234,18 @@ def test_sampling_controls(client, live):
 
 def test_response_format_json(client, live):
     pytest.importorskip("llguidance")
-    r = client.chat.completions.create(model=live.model, messages=MSGS, response_format={"type": "json_object"},
-                                       max_tokens=60, temperature=0.7, seed=1)
-    assert r.choices[0].finish_reason == "stop"
-    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    # a random model's object may run past max_tokens (a string that never closes); every one that stops is
+    # a JSON object, and most stop
+    stopped = 0
+    for seed in range(8):
+        r = client.chat.completions.create(model=live.model, messages=MSGS, response_format={"type": "json_object"},
+                                           max_tokens=60, temperature=0.7, seed=seed)
+        if r.choices[0].finish_reason == "stop":
+            stopped += 1
+            assert isinstance(json.loads(r.choices[0].message.content), dict)
+        else:
+            assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 60
+    assert stopped >= 4
     schema = {"type": "object", "additionalProperties": False, "required": ["name", "n"],
               "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer", "maximum": 99}}}
     for seed in range(2):
