@@ -4,7 +4,8 @@ A batch of prompts is prefilled into one cache row each (prompts of one length
 in one forward), then every row decodes one token per step together, each at
 its own position.
 Tokens are chosen by the one sampler (`sampling.py`), each row with its own
-generator, so a seeded rollout is reproducible whatever else shares its batch.
+generator, so a row's draws do not depend on what else shares its batch
+(tests/test_model.py checks that a batch gives each prompt what it gets alone).
 The server has its own faster decode path (serve/fastpath.py), built from the
 same weights and tested against this forward.
 """

@@ -76,8 +76,8 @@ class Prompt:
 
 
 # RL asks in phrasings of its own, neither fine-tuning's (train/conversations.py) nor evaluation's
-# (evaluate/names.py): asked in fine-tuning's, where the fine-tuned model already answers best, 20 steps
-# lowered the right names (docs/PERFORMANCE.md, "RL").
+# (evaluate/names.py): in fine-tuning's, where the fine-tuned model already answers best, 20 steps gave no
+# significant gain (docs/PERFORMANCE.md, "RL"); in these, at temperature 0.7, two of three trials did.
 RL_QUESTIONS = [
     "What is the purpose of {name}?",
     "Give me a short description of {name}.",
