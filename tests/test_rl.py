@@ -148,13 +148,49 @@ def test_rollout_weights_are_group_advantages_on_completion_tokens_only(table):
         rl.generate_batch = original
     x, y, extra = rollouts.batch([0, 1])
     w = extra["weights"]
-    assert x.shape == (4, 64) and trained == len(answers[0]) + len(answers[1])
+    # as wide as the longest prompt and completion (10 + 46 tokens, less the last, which is only a target)
+    assert x.shape == (4, 10 + len(answers[0]) - 1) and trained == len(answers[0]) + len(answers[1])
     first, second = w[0][w[0] != 0], w[1][w[1] != 0]
     assert len(first) == len(answers[0]) and (first > 0).all() and (second < 0).all()
     assert float(first[0] + second[0]) == pytest.approx(0.0)  # advantage = reward - the group's mean
     assert (w[2:] == 0).all()  # the second prompt's two answers score alike: no signal, skipped
     assert (y[0, :9] == -100).all() and y[0, 9] == answers[0][0]  # the first completion token, from the prompt's end
     assert rollouts.step_stats()["groups_used"] == 1
+
+
+def test_cutting_a_batch_to_its_longest_row_changes_no_gradient(table):
+    """Eager RL trains on batches cut after their longest row; a compiled trainer keeps seq_len for one shape.
+    The cut columns are padding no earlier token attends to: the loss and every gradient are the uncut ones."""
+    from glassforge.core.recipe import ModelConfig, RLConfig
+    from glassforge.model.llama import Llama
+    from glassforge.train import rl
+
+    cfg = RLConfig(group=2, prompts_per_step=1, seq_len=48, max_new_tokens=30)
+    prompts = [rl.Prompt("What does json.dumps do?", tuple(range(10, 20)))]
+    answers = [[ord(c) for c in "Signature: json.dumps(obj)"] + [1], [ord(c) for c in "no"] + [1]]
+    original = rl.generate_batch
+    rl.generate_batch = lambda model, ps, budget, sampling, seeds, stop: answers
+    batches = {}
+    try:
+        for fixed in (True, False):
+            rollouts = rl.Rollouts(prompts, table, _Tok(), cfg, seed=0)
+            rollouts.prepare(0, None, np.array([0]), fixed_shape=fixed)
+            batches[fixed] = rollouts.batch([0])
+    finally:
+        rl.generate_batch = original
+    assert batches[True][0].shape == (2, 48) and batches[False][0].shape == (2, 10 + len(answers[0]) - 1)
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64))
+    grads, losses = {}, {}
+    for fixed, (x, y, extra) in batches.items():
+        model.zero_grad()
+        _, per_token = model(x, y, reduction="none")
+        loss = (per_token * extra["weights"].reshape(-1)).sum()
+        loss.backward()
+        losses[fixed], grads[fixed] = loss.item(), [p.grad.clone() for p in model.parameters()]
+    assert losses[False] == pytest.approx(losses[True], rel=1e-5) and losses[True] != 0
+    for cut, full in zip(grads[False], grads[True]):
+        torch.testing.assert_close(cut, full, rtol=1e-4, atol=1e-6)
 
 
 def test_rescoring_finds_a_log_the_scoring_did_not_make(table):

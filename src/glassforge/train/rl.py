@@ -167,6 +167,7 @@ class Rollouts:
         self.stop = {tok.token_to_id(END), tok.token_to_id(ENDOFTEXT)}
         self.pad = tok.token_to_id(PAD)
         self._ready: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._fixed_shape = False
         self._stats: dict = {}
         self.report: dict = {}
 
@@ -182,8 +183,13 @@ class Rollouts:
         with AtomicFile(self.log, "w") as f:
             f.write("".join(line + "\n" for line in kept))
 
-    def prepare(self, step: int, model: Llama, rows: np.ndarray) -> int:
-        """Sample, score and weigh this step's completions for rows; return their trained tokens."""
+    def prepare(self, step: int, model: Llama, rows: np.ndarray, fixed_shape: bool = False) -> int:
+        """Sample, score and weigh this step's completions for rows; return their trained tokens.
+
+        fixed_shape (a compiled trainer): every batch is seq_len wide. Otherwise a batch is only as wide as
+        its longest prompt and completion: the padding after it is attended by nothing before it (the
+        attention is causal) and carries no target, so cutting it changes no gradient, and at the default's
+        shape it is a third of a step's forward and backward (docs/PERFORMANCE.md, "RL")."""
         cfg, G, T = self.cfg, self.cfg.group, self.cfg.seq_len
         rows = [int(r) for r in rows]
         prompts = [self.prompts[r] for r in rows for _ in range(G)]
@@ -213,6 +219,7 @@ class Rollouts:
             w += self._kl_shaping(model, x, y, w != 0)
         self._ready = [(r, x[i * G:(i + 1) * G], y[i * G:(i + 1) * G], w[i * G:(i + 1) * G])
                        for i, r in enumerate(rows)]
+        self._fixed_shape = fixed_shape
         self._log(step, rows, prompts, completions, scores, advantages)
         names = [s["name"] for s in scores]
         self._stats = {"reward": round(float(rewards.mean()), 4), "right_name": round(float(np.mean(names)), 4),
@@ -235,8 +242,11 @@ class Rollouts:
         take, self._ready = self._ready[:len(rows)], self._ready[len(rows):]
         if [t[0] for t in take] != rows:
             raise RuntimeError("rollouts: batches asked for out of the order they were prepared in")
-        return (torch.cat([t[1] for t in take]), torch.cat([t[2] for t in take]),
-                {"weights": torch.cat([t[3] for t in take])})
+        x, y, w = (torch.cat([t[k] for t in take]) for k in (1, 2, 3))
+        if not self._fixed_shape:
+            width = int((y != -100).any(0).nonzero().max()) + 1 if (y != -100).any() else 1
+            x, y, w = x[:, :width], y[:, :width], w[:, :width]
+        return x, y, {"weights": w}
 
     def step_stats(self) -> dict:
         return self._stats
