@@ -131,10 +131,11 @@ def main() -> None:
                     return model(input_ids=x, labels=y, shift_labels=y).loss
             else:
                 model = Llama(cfg).train()
-                fwd = torch.compile(model) if compiled else model
+                if compiled:
+                    model.compile_for_training()  # as the trainer compiles: by regions
 
-                def forward(x, y, fwd=fwd):
-                    return fwd(x, y)[1]
+                def forward(x, y, model=model):
+                    return model(x, y)[1]
             opts = build_optimizers(model, tcfg)
             step = make_step(model, forward, opts, x, y, dtype, exact=exact)
             t = time.perf_counter()

@@ -219,3 +219,21 @@ def test_generate_batch_gives_each_prompt_what_it_gets_alone():
         assert together == alone and all(len(t) == 6 for t in together)
     greedy = generate_batch(model, prompts, 6)
     assert greedy[0] == greedy[2]  # the same prompt, greedy: the same tokens
+
+
+def test_compiling_for_training_compiles_training_steps_only():
+    """compile_for_training adds no weights (the checkpoint is the same Hugging Face state dict), and only a
+    training forward with gradients goes through the compiled regions: evaluation and generation stay eager."""
+    torch.manual_seed(0)
+    model = Llama(small_cfg())
+    keys = list(model.state_dict())
+    model.compile_for_training()
+    assert list(model.state_dict()) == keys and list(model.hf_state_dict()) == [k for k in keys if k != "lm_head.weight"]
+    layers, head = model._regions()
+    assert layers is not model.model.layers and all(a is not b for a, b in zip(layers, model.model.layers))
+    with torch.no_grad():
+        assert model._regions()[0] is model.model.layers
+    model.eval()
+    assert model._regions()[0] is model.model.layers and model._regions()[1] == model.logits_and_loss
+    logits, loss = model(torch.randint(0, 128, (1, 8)), torch.randint(0, 128, (1, 8)))
+    assert logits.shape == (1, 8, 128) and loss.ndim == 0  # eager: logits too

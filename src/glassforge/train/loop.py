@@ -215,7 +215,7 @@ def train(
         # this one with dynamic shapes): a stage compiles the same kernels whether it runs after other
         # stages, as in a build, or alone, as in a replay of one interval.
         torch._dynamo.reset()
-    step_fn = torch.compile(train_model) if compiled else train_model
+        model.compile_for_training()
 
     metrics_path = out / METRICS
     if dist_info.main:
@@ -257,7 +257,7 @@ def train(
                 if prepare is not None:  # examples the model being trained makes (RL rollouts), for this rank's rows
                     model.eval()
                     with torch.no_grad():
-                        local_targets = prepare(step, model, mine)
+                        local_targets = prepare(step, model, mine, fixed_shape=compiled)
                     model.train()
                     n_targets = max(1, int(all_reduce(torch.tensor(float(local_targets), device=device), dist_info)))
                 else:
@@ -280,11 +280,11 @@ def train(
                     with sync:
                         with autocast(device, dtype):
                             if "weights" in extra:  # a weight per target token (RL's advantages): their weighted sum
-                                _, losses = step_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                _, losses = train_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                                                     reduction="none", **kw)
                                 loss = (losses * extra["weights"].to(device).reshape(-1)).sum()
                             else:
-                                _, loss = step_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                _, loss = train_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                                                   reduction="sum", **kw)
                         # Sum over the global batch / its target count; x world undoes the ranks' average.
                         (loss * (dist_info.world / n_targets)).backward()
