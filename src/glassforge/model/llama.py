@@ -258,9 +258,9 @@ class Llama(nn.Module):
         """Compile each decoder layer and the output head with its loss (torch.compile), for training steps only.
 
         The layers share one compiled graph (their code is the same, their weights are its inputs), so a cold
-        compile costs one layer instead of all of them: at the default shape, 56 s for pretraining's and
-        fine-tuning's graphs against 97 s for the whole model, with steps as fast (docs/PERFORMANCE.md,
-        "Compiling by regions"). Evaluation and generation (no gradient) stay eager and compile nothing."""
+        compile costs one layer instead of all of them: at the default's shapes, 69.2 s for pretraining's and
+        fine-tuning's graphs against 100.7 s for the whole model, for fine-tuning steps 4-5% slower
+        (docs/PERFORMANCE.md, "Compiling by regions"). Evaluation and generation (no gradient) stay eager and compile nothing."""
         self._training_regions = ([torch.compile(layer) for layer in self.model.layers],
                                   torch.compile(self.loss_only))
 

@@ -188,8 +188,8 @@ class Rollouts:
 
         fixed_shape (a compiled trainer): every batch is seq_len wide. Otherwise a batch is only as wide as
         its longest prompt and completion: the padding after it is attended by nothing before it (the
-        attention is causal) and carries no target, so cutting it changes no gradient, and at the default's
-        shape it is a third of a step's forward and backward (docs/PERFORMANCE.md, "RL")."""
+        attention is causal) and carries no target, so cutting it changes no gradient and saves its share of
+        the step's forward and backward (docs/PERFORMANCE.md, "RL in the default build")."""
         cfg, G, T = self.cfg, self.cfg.group, self.cfg.seq_len
         rows = [int(r) for r in rows]
         prompts = [self.prompts[r] for r in rows for _ in range(G)]
