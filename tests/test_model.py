@@ -221,6 +221,45 @@ def test_generate_batch_gives_each_prompt_what_it_gets_alone():
     assert greedy[0] == greedy[2]  # the same prompt, greedy: the same tokens
 
 
+def test_rows_that_stop_early_leave_the_others_what_they_get_alone():
+    """Rows ending at different steps (a stop id) hand their cache slots to rows still decoding; every row's
+    tokens stay those of its prompt alone, greedy and seeded."""
+    from glassforge.model.generate import generate_batch
+    from glassforge.model.sampling import Sampling
+
+    torch.manual_seed(3)
+    model = Llama(small_cfg(n_heads=4, n_kv_heads=2)).eval()
+    prompts = [[5, 9, 2], [7, 1, 3, 3, 8], [4, 4, 4], [11, 2, 6, 1, 9], [3, 8], [6, 6, 1, 2]]
+    seeds = [3, 1, 4, 1, 5, 9]
+    for sampling in (Sampling(temperature=0.0), Sampling(temperature=1.0)):
+        free = generate_batch(model, prompts, 10, sampling, seeds)
+        stop = {free[0][1], free[3][4]}  # ids that end some rows early, at different steps
+        together = generate_batch(model, prompts, 10, sampling, seeds, stop)
+        alone = [generate_batch(model, [p], 10, sampling, [s], stop)[0] for p, s in zip(prompts, seeds)]
+        assert together == alone
+        lengths = {len(t) for t in together}
+        assert len(lengths) >= 2 and min(lengths) < 10, lengths  # rows did stop, at different steps
+
+
+def test_a_cached_step_reads_slots_from_zero_as_a_view():
+    """A step whose rows are in slots 0..n-1 reads them without a gather, and computes what a gather does."""
+    from glassforge.model.llama import CacheStep
+
+    torch.manual_seed(4)
+    model = Llama(small_cfg(n_heads=4, n_kv_heads=2)).eval()
+    cache = KVCache(model.cfg, 3, 16)
+    ids = torch.randint(0, 128, (3, 6))
+    model(ids[:, :5], cache=cache, positions=torch.arange(5).expand(3, 5), slots=torch.arange(3))
+    assert CacheStep(cache, torch.arange(2), torch.tensor([[5], [5]])).rows == slice(0, 2)
+    assert torch.equal(CacheStep(cache, torch.tensor([1, 0]), torch.tensor([[5], [5]])).rows, torch.tensor([1, 0]))
+    saved_k, saved_v = cache.k.clone(), cache.v.clone()
+    view, _ = model(ids[:2, 5:], cache=cache, positions=torch.tensor([[5], [5]]), slots=torch.arange(2))
+    cache.k.copy_(saved_k), cache.v.copy_(saved_v)
+    gathered, _ = model(ids[[1, 0], 5:], cache=cache, positions=torch.tensor([[5], [5]]), slots=torch.tensor([1, 0]))
+    assert torch.equal(view, gathered[[1, 0]])
+    assert torch.allclose(view[:, 0], model(ids[:2])[0][:, 5], atol=1e-5)
+
+
 def test_compiling_for_training_compiles_training_steps_only():
     """compile_for_training adds no weights (the checkpoint is the same Hugging Face state dict), and only a
     training forward with gradients goes through the compiled regions: evaluation and generation stay eager."""

@@ -2,7 +2,9 @@
 
 A batch of prompts is prefilled into one cache row each (prompts of one length
 in one forward), then every row decodes one token per step together, each at
-its own position.
+its own position. The rows still decoding keep cache slots 0..n-1 (a
+finished row's slot takes the last live row's keys and values), so each layer
+reads them as a view of the cache instead of gathering every key at every step.
 Tokens are chosen by the one sampler (`sampling.py`), each row with its own
 generator, so a row's draws do not depend on what else shares its batch
 (tests/test_model.py checks that a batch gives each prompt what it gets alone).
@@ -52,20 +54,27 @@ def generate_batch(model: Llama, prompts: list[list[int]], max_tokens: int, samp
             last[b] = row_logits
     logits = torch.stack(last)
     out: list[list[int]] = [[] for _ in prompts]
-    live = [b for b in range(B) if budget[b] > 0]
-    while live:
-        tokens = sample(logits, [sampling] * len(live), [generators[b] for b in live])
-        still = []
-        for b, tok in zip(live, tokens):
+    order = list(range(B)) if max_tokens > 0 else []  # order[i]: the live row whose keys are in cache slot i
+    while order:
+        for b, tok in zip(order, sample(logits, [sampling] * len(order), [generators[b] for b in order])):
             out[b].append(tok)
-            if tok not in stop_ids and len(out[b]) < budget[b]:
-                still.append(b)
-        live = still
-        if not live:
+        # A finished row's slot takes the last live row's keys and values: the live rows keep filling slots
+        # 0..n-1, so every layer reads them as a view of the cache (CacheStep.rows) instead of gathering them
+        # at every step, for one row copied per finished row.
+        written = max(len(prompts[b]) + len(out[b]) - 1 for b in order)
+        for i in reversed(range(len(order))):
+            b = order[i]
+            if out[b][-1] in stop_ids or len(out[b]) >= budget[b]:
+                if i != len(order) - 1:
+                    for kv in (cache.k, cache.v):
+                        kv[:, i, :, :written] = kv[:, len(order) - 1, :, :written]
+                    order[i] = order[-1]
+                order.pop()
+        if not order:
             break
-        idx = torch.tensor([[out[b][-1]] for b in live])
-        positions = torch.tensor([[len(prompts[b]) + len(out[b]) - 1] for b in live])
-        logits, _ = model(idx, cache=cache, positions=positions, slots=torch.tensor(live))
+        idx = torch.tensor([[out[b][-1]] for b in order])
+        positions = torch.tensor([[len(prompts[b]) + len(out[b]) - 1] for b in order])
+        logits, _ = model(idx, cache=cache, positions=positions, slots=torch.arange(len(order)))
         logits = logits[:, -1]
     return out
 

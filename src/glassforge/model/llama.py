@@ -89,6 +89,9 @@ class CacheStep:
 
     def __init__(self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor):
         self.cache, self.slots, self.positions = cache, slots, positions
+        # Rows in slots 0..B-1, in order, read their keys and values as a view of the cache; any other slots
+        # are gathered, a copy of every key the step attends to (in generation, a tenth of the time).
+        self.rows = slice(0, len(slots)) if torch.equal(slots, torch.arange(len(slots), device=slots.device)) else slots
         span = int(positions.max()) + 1
         # query (b, t) sees its own slot's keys at positions up to its own: [B, 1, T, span]
         self.mask = (torch.arange(span, device=positions.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
@@ -160,8 +163,8 @@ class Attention(nn.Module):
             cache.k[self.layer][slots[:, None], :, pos] = k.transpose(1, 2).to(cache.k.dtype)
             cache.v[self.layer][slots[:, None], :, pos] = v.transpose(1, 2).to(cache.v.dtype)
             span = step.mask.shape[-1]
-            k = cache.k[self.layer][slots, :, :span].to(q.dtype)
-            v = cache.v[self.layer][slots, :, :span].to(q.dtype)
+            k = cache.k[self.layer][step.rows, :, :span].to(q.dtype)
+            v = cache.v[self.layer][step.rows, :, :span].to(q.dtype)
             mask, causal = step.mask, False
         if step is None and q.device.type == "cpu" and T <= EXPLICIT_ATTENTION_MAX_T:
             y = explicit_attention(q, k, v, mask)
