@@ -38,7 +38,7 @@ QUESTIONS = [
     "Could you explain the function {name} to me?",
 ]
 MAX_TOKENS = 48  # on the default build, 64 gave the same three rates in 37 s of evaluation, 48 in 29 s
-BATCH = 128  # on the default build, the same outcomes as 64, in half the decode steps
+BATCH = 512  # a set of 500 in one batch: on the default build, the same replies as batches of 128 or 64, in fewer decode steps
 
 
 def name_prompts(table: dict[str, Entry], seed: int, limit: int) -> dict[str, list[tuple[str, Entry]]]:
