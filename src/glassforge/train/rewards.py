@@ -27,6 +27,7 @@ names task can measure on those whether RL made anything worse.)
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -89,12 +90,18 @@ def first_line(completion: str) -> str:
 
 def names(line: str, name: str) -> bool:
     """Whether a line names this dotted name as a whole (json.dumps, not json.dumps_all or myjson.dumps)."""
-    return re.search(rf"(?<!{_NAME_CHARS}){re.escape(name)}(?![\w])(?!\.\w)", line) is not None
+    return _pattern(rf"(?<!{_NAME_CHARS}){re.escape(name)}(?![\w])(?!\.\w)").search(line) is not None
 
 
 def has_signature(line: str, entry: Entry) -> bool:
     """Whether a line holds the name followed by its exact signature (and nothing glued after it)."""
-    return re.search(rf"(?<!{_NAME_CHARS}){re.escape(entry.name + entry.signature)}(?![\w(])", line) is not None
+    return _pattern(rf"(?<!{_NAME_CHARS}){re.escape(entry.name + entry.signature)}(?![\w(])").search(line) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _pattern(regex: str) -> re.Pattern:
+    # One pattern per name in the table: more than re's own cache of 512 holds, which then compiled each again.
+    return re.compile(regex)
 
 
 def content_words(text: str) -> set[str]:
