@@ -90,7 +90,7 @@ class CacheStep:
     def __init__(self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor):
         self.cache, self.slots, self.positions = cache, slots, positions
         # Rows in slots 0..B-1, in order, read their keys and values as a view of the cache; any other slots
-        # are gathered, a copy of every key the step attends to (in generation, a tenth of the time).
+        # are gathered, a copy of every key and value the step attends to, in every layer.
         self.rows = slice(0, len(slots)) if torch.equal(slots, torch.arange(len(slots), device=slots.device)) else slots
         span = int(positions.max()) + 1
         # query (b, t) sees its own slot's keys at positions up to its own: [B, 1, T, span]
